@@ -1,0 +1,265 @@
+"""The streaming engine: latent chunks forever, one chunk of frames at a time.
+
+    prompt embedding -> TextContext -> [noise -> denoise (DiT + memory) -> context pass -> commit] -> LatentChunk
+
+Controls (`set_prompt`, `set_action`, `reset`) may come from another thread; they are applied at the next chunk
+boundary, in order, so a chunk is always generated under one prompt and one action per frame.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from framecast.models.config import ROPE_TABLE_FRAMES, AttentionKind
+from framecast.models.dit import CausalWanDiT, TextContext
+from framecast.models.errors import ConfigError, ShapeError
+from framecast.models.memory import KVCache, LinearState, Memory
+from framecast.stream.noise import GaussianNoise, NoiseSource
+from framecast.stream.sampler import FlowMatchSchedule, Step, denoise, renoise
+from framecast.stream.timing import StageTimer
+
+
+class CacheKind(enum.Enum):
+    """Memory of a softmax-attention model (a linear-attention model always keeps a linear state)."""
+
+    ROLLING = "rolling"  # sink frames + the newest frames; endless
+    FULL = "full"  # every frame since the start, up to window_frames
+
+
+class SwitchPolicy(enum.Enum):
+    """What a prompt switch does to the memory of the past."""
+
+    RECACHE = "recache"  # re-encode the window's clean frames under the new prompt, keep the sinks (LongLive)
+    RESET = "reset"  # forget the past; the stream starts over under the new prompt
+    KEEP = "keep"  # keep the memory as it is; only new frames see the new prompt
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Runtime settings of one stream, validated at construction."""
+
+    latent_height: int = 60  # 480 px / 8
+    latent_width: int = 104  # 832 px / 8
+    chunk_frames: int = 3
+    denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
+    shift: float = 5.0
+    context_noise: int = 0  # timestep of the clean context pass (0: truly clean)
+    cache: CacheKind = CacheKind.ROLLING
+    window_frames: int = 12  # frames attended, sinks and the chunk in flight included
+    sink_frames: int = 3
+    switch_policy: SwitchPolicy = SwitchPolicy.RECACHE
+    batch: int = 1
+    seed: int = 0
+    profile: bool = False  # per-stage timings (syncs the device at stage boundaries)
+
+    def __post_init__(self) -> None:
+        for name in ("latent_height", "latent_width", "chunk_frames", "window_frames", "batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if not 1 <= len(self.denoising_steps) <= 8:
+            raise ConfigError(f"denoising_steps={self.denoising_steps} must have 1 to 8 steps")
+        if not 0 <= self.context_noise < 1000:
+            raise ConfigError(f"context_noise={self.context_noise} must be in [0, 1000)")
+        if not isinstance(self.cache, CacheKind):
+            raise ConfigError(f"cache={self.cache!r} must be one of {[k.value for k in CacheKind]}")
+        if not isinstance(self.switch_policy, SwitchPolicy):
+            raise ConfigError(f"switch_policy={self.switch_policy!r} must be one of {[p.value for p in SwitchPolicy]}")
+        if not 1 <= self.window_frames <= ROPE_TABLE_FRAMES // 2:
+            raise ConfigError(f"window_frames={self.window_frames} must be in [1, {ROPE_TABLE_FRAMES // 2}]")
+        if self.cache is CacheKind.ROLLING:
+            if not 0 <= self.sink_frames <= self.window_frames - self.chunk_frames:
+                raise ConfigError(
+                    f"sink_frames={self.sink_frames} must be in [0, window_frames - chunk_frames = "
+                    f"{self.window_frames - self.chunk_frames}] so that a chunk fits beside the sinks"
+                )
+        elif self.chunk_frames > self.window_frames:
+            raise ConfigError(f"chunk_frames={self.chunk_frames} must be <= window_frames={self.window_frames}")
+        FlowMatchSchedule(self.shift).warp(self.denoising_steps)  # raises ConfigError on a bad step list
+
+
+@dataclass(frozen=True)
+class LatentChunk:
+    index: int  # chunk number since the engine started (keeps counting across resets)
+    first_frame: int  # latent frame index of latents[:, 0] in the memory's stream (0 again after a reset)
+    latents: Tensor  # [B, chunk_frames, C, H, W], clean
+    seconds: float  # wall time to produce this chunk (controls and recache included)
+    stages: dict[str, float] = field(default_factory=dict)  # per-stage seconds when profiling
+
+
+def make_memory(dit: CausalWanDiT, config: EngineConfig) -> Memory:
+    """The memory policy a model and a runtime config call for."""
+    tokens = dit.config.tokens_per_frame(config.latent_height, config.latent_width)
+    if dit.config.attention is AttentionKind.LINEAR:
+        return LinearState(
+            dit.config, batch=config.batch, chunk_frames=config.chunk_frames, recache_frames=config.window_frames,
+            dtype=dit.dtype, device=dit.device,
+        )
+    rolling = config.cache is CacheKind.ROLLING
+    return KVCache(
+        dit.config, batch=config.batch, tokens_per_frame=tokens, window_frames=config.window_frames,
+        sink_frames=config.sink_frames if rolling else 0, evicts=rolling, dtype=dit.dtype, device=dit.device,
+    )
+
+
+class LatentHistory:
+    """The newest clean latents (and their actions) in a fixed ring buffer, for re-encoding on a prompt switch."""
+
+    def __init__(self, frames: int, chunk_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        batch, _, channels, height, width = chunk_shape
+        self.capacity = frames
+        self.latents = torch.zeros((batch, frames, channels, height, width), dtype=dtype, device=device)
+        self.actions = torch.zeros((batch, frames), dtype=torch.long, device=device)
+        self.stop = 0  # frames pushed so far
+
+    def push(self, latents: Tensor, actions: Tensor | None) -> None:
+        for offset in range(latents.shape[1]):
+            slot = (self.stop + offset) % self.capacity
+            self.latents[:, slot].copy_(latents[:, offset])
+            if actions is not None:
+                self.actions[:, slot].copy_(actions[:, offset])
+        self.stop += latents.shape[1]
+
+    def frames(self, frames: range) -> tuple[Tensor, Tensor]:
+        if frames.start < self.stop - self.capacity or frames.stop > self.stop:
+            raise RuntimeError(f"frames {frames} are not in the history [{self.stop - self.capacity}, {self.stop})")
+        slots = [f % self.capacity for f in frames]
+        return self.latents[:, slots], self.actions[:, slots]
+
+
+class StreamEngine:
+    """Generates latent chunks forever: `for chunk in engine.chunks(): ...`."""
+
+    def __init__(
+        self,
+        dit: CausalWanDiT,
+        config: EngineConfig,
+        prompt: Tensor,
+        noise: NoiseSource | None = None,
+    ) -> None:
+        self.dit, self.config = dit, config
+        self.memory = make_memory(dit, config)
+        self.steps: tuple[Step, ...] = FlowMatchSchedule(config.shift).steps(config.denoising_steps)
+        self.context_sigma = FlowMatchSchedule(config.shift).sigma_at(float(config.context_noise))
+        self.noise = noise if noise is not None else GaussianNoise(config.seed)
+        self.chunk_shape = (config.batch, config.chunk_frames, dit.config.in_dim, config.latent_height, config.latent_width)
+        self.history = LatentHistory(config.window_frames, self.chunk_shape, dit.dtype, dit.device)
+        self.timer = StageTimer(config.profile, dit.device)
+        self._context_timesteps = torch.full(
+            (config.batch, config.chunk_frames), float(config.context_noise), dtype=torch.float32, device=dit.device
+        )
+        self._lock = threading.Lock()
+        self._pending_prompt: tuple[Tensor, SwitchPolicy] | None = None
+        self._pending_actions: Tensor | None = None
+        self._pending_reset = False
+        self._text = self._encode(prompt)
+        # an action-conditioned model always sees an action; 0 is "none" by convention
+        self._actions = torch.zeros(config.batch, config.chunk_frames, dtype=torch.long, device=dit.device) if dit.config.num_actions else None
+        self.chunk_index = 0
+
+    # controls: validated at once, applied at the next chunk boundary
+    def _encode(self, prompt: Tensor) -> TextContext:
+        if prompt.ndim == 2:
+            prompt = prompt.unsqueeze(0)
+        if prompt.shape[0] == 1 and self.config.batch > 1:
+            prompt = prompt.expand(self.config.batch, -1, -1)
+        if prompt.shape[0] != self.config.batch:
+            raise ShapeError(f"prompt batch {prompt.shape[0]} does not match the engine batch {self.config.batch}")
+        with torch.inference_mode():
+            return self.dit.encode_text(prompt)
+
+    def set_prompt(self, prompt: Tensor, policy: SwitchPolicy | None = None) -> None:
+        """Switch to a new prompt embedding [T, text_dim] or [B, T, text_dim] from the next chunk on."""
+        text = self._encode(prompt)  # raises ShapeError now, not in the stream
+        with self._lock:
+            self._pending_prompt = (text, policy or self.config.switch_policy)
+
+    def set_action(self, actions: int | Tensor) -> None:
+        """Action id(s) for the next chunks' frames: one int, [chunk_frames] or [B, chunk_frames]."""
+        num_actions = self.dit.config.num_actions
+        if not num_actions:
+            raise ConfigError("this model takes no actions (num_actions = 0)")
+        batch, frames = self.config.batch, self.config.chunk_frames
+        actions = torch.as_tensor(actions, dtype=torch.long)
+        if actions.ndim == 0:
+            actions = actions.expand(batch, frames)
+        elif actions.ndim == 1:
+            actions = actions.unsqueeze(0).expand(batch, -1)
+        if actions.shape != (batch, frames):
+            raise ShapeError(f"actions of shape {tuple(actions.shape)}; expected [{frames}] or [{batch}, {frames}]")
+        if actions.min() < 0 or actions.max() >= num_actions:
+            raise ConfigError(f"action ids {actions.unique().tolist()} must be in [0, {num_actions})")
+        with self._lock:
+            self._pending_actions = actions.to(self.dit.device).contiguous()
+
+    def reset(self) -> None:
+        """Forget the past at the next chunk boundary (the prompt stays)."""
+        with self._lock:
+            self._pending_reset = True
+
+    @torch.inference_mode()
+    def _apply_controls(self) -> None:
+        with self._lock:
+            prompt, self._pending_prompt = self._pending_prompt, None
+            actions, self._pending_actions = self._pending_actions, None
+            reset, self._pending_reset = self._pending_reset, False
+        if actions is not None:
+            self._actions = actions
+        if reset:
+            self._restart()
+        if prompt is not None:
+            self._text, policy = prompt
+            if policy is SwitchPolicy.RESET:
+                self._restart()
+            elif policy is SwitchPolicy.RECACHE:
+                with self.timer.measure("recache"):
+                    self._recache()
+
+    def _restart(self) -> None:
+        self.memory.reset()
+        self.history.stop = 0
+
+    def _recache(self) -> None:
+        frames = self.memory.begin_recache()
+        if len(frames):
+            latents, actions = self.history.frames(frames)
+            timesteps = self._context_timesteps[:, :1].expand(-1, len(frames))
+            self.dit(latents, timesteps, self._text, self.memory, actions if self.dit.config.num_actions else None)
+        self.memory.commit()
+
+    # the hot path
+    @torch.inference_mode()
+    def step(self) -> Tensor:
+        """Generate the next chunk's clean latents [B, chunk_frames, C, H, W] and commit them to memory."""
+        config, dit = self.config, self.dit
+        self.memory.begin_chunk(config.chunk_frames)
+        with self.timer.measure("denoise"):
+            noise = self.noise.draw(self.chunk_shape, dit.dtype, dit.device)
+            latents = denoise(dit, noise, self._text, self.memory, self.steps, self.noise, self._actions)
+        with self.timer.measure("context"):
+            context = latents
+            if config.context_noise:
+                context = renoise(latents, self.noise.draw(self.chunk_shape, dit.dtype, dit.device), self.context_sigma)
+            dit(context, self._context_timesteps, self._text, self.memory, self._actions)
+        self.memory.commit()
+        self.history.push(latents, self._actions)
+        return latents
+
+    @torch.inference_mode()
+    def chunks(self) -> Iterator[LatentChunk]:
+        """Yield latent chunks forever; each follows the newest prompt and actions set before it started."""
+        for _ in itertools.count():
+            start = time.perf_counter()
+            self._apply_controls()
+            first_frame = self.memory.committed_frames
+            latents = self.step()
+            yield LatentChunk(self.chunk_index, first_frame, latents, time.perf_counter() - start, self.timer.take())
+            self.chunk_index += 1

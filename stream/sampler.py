@@ -1,0 +1,98 @@
+"""Few-step flow-matching sampling, exactly as the causal-Wan reference computes it.
+
+The schedule is the reference's `FlowMatchScheduler(shift, extra_one_step=True)` with 1000 training timesteps:
+`s = linspace(1, 0, 1001)[:-1]`, `sigma = shift*s / (1 + (shift-1)*s)`, `timestep = 1000*sigma`, all float32.
+A distilled model's step list (e.g. 1000, 750, 500, 250) is warped onto it: `cat(timesteps, [0])[1000 - step]`.
+Each step predicts the flow, turns it into the clean estimate `x0 = x - sigma*flow` (float64), and, except after the
+last step, re-noises `x0` to the next step's sigma with fresh noise. Stateless: the schedule and noise are arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from framecast.models.dit import CausalWanDiT, TextContext
+from framecast.models.errors import ConfigError
+from framecast.models.memory import Memory
+from framecast.stream.noise import NoiseSource
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass(frozen=True)
+class Step:
+    """One denoising step: the timestep the model sees, its sigma, and the sigma to re-noise to (0 = last step)."""
+
+    timestep: float  # float32 value, as the model receives it
+    sigma: float  # float32 value of the schedule at this timestep
+    next_sigma: float  # 0.0 after the last step
+
+    @property
+    def is_last(self) -> bool:
+        return self.next_sigma == 0.0
+
+
+class FlowMatchSchedule:
+    """The shifted flow-matching schedule over 1000 training timesteps (float32 tables)."""
+
+    def __init__(self, shift: float = 5.0) -> None:
+        if not shift > 0:
+            raise ConfigError(f"shift={shift!r} must be > 0")
+        self.shift = shift
+        s = torch.linspace(1.0, 0.0, NUM_TRAIN_TIMESTEPS + 1)[:-1]
+        self.sigmas = shift * s / (1 + (shift - 1) * s)
+        self.timesteps = self.sigmas * NUM_TRAIN_TIMESTEPS
+
+    def sigma_at(self, timestep: float) -> float:
+        """Sigma of the schedule entry nearest to `timestep` (the reference's argmin lookup)."""
+        index = torch.argmin((self.timesteps - torch.tensor(timestep, dtype=torch.float32)).abs())
+        return float(self.sigmas[index])
+
+    def warp(self, raw_steps: Sequence[int]) -> list[float]:
+        """Raw step list (values in 1..1000, descending) -> the timesteps the model sees (float32 values)."""
+        if not raw_steps or any(not isinstance(s, int) or not 0 < s <= NUM_TRAIN_TIMESTEPS for s in raw_steps):
+            raise ConfigError(f"denoising steps {list(raw_steps)} must be integers in [1, {NUM_TRAIN_TIMESTEPS}]")
+        if list(raw_steps) != sorted(raw_steps, reverse=True) or len(set(raw_steps)) != len(raw_steps):
+            raise ConfigError(f"denoising steps {list(raw_steps)} must strictly descend")
+        table = torch.cat([self.timesteps, torch.zeros(1)])
+        return [float(table[NUM_TRAIN_TIMESTEPS - step]) for step in raw_steps]
+
+    def steps(self, raw_steps: Sequence[int]) -> tuple[Step, ...]:
+        timesteps = self.warp(raw_steps)
+        sigmas = [self.sigma_at(t) for t in timesteps]
+        return tuple(Step(t, s, n) for t, s, n in zip(timesteps, sigmas, sigmas[1:] + [0.0]))
+
+
+def to_clean(x: Tensor, flow: Tensor, sigma: float) -> Tensor:
+    """x0 = x - sigma * flow, computed in float64 as the reference does, returned in x's dtype."""
+    return (x.double() - sigma * flow.double()).to(x.dtype)
+
+
+def renoise(x0: Tensor, noise: Tensor, sigma: float) -> Tensor:
+    """(1 - sigma) * x0 + sigma * noise, with (1 - sigma) rounded to float32 as the reference's tensor math does."""
+    keep = float(torch.tensor(1.0, dtype=torch.float32) - torch.tensor(sigma, dtype=torch.float32))
+    return (keep * x0 + sigma * noise).to(noise.dtype)
+
+
+def denoise(
+    dit: CausalWanDiT,
+    x: Tensor,
+    text: TextContext,
+    memory: Memory,
+    steps: Sequence[Step],
+    noise: NoiseSource,
+    actions: Tensor | None = None,
+) -> Tensor:
+    """Denoise the frames in flight (x [B, F, C, H, W], pure noise at steps[0]) to their clean estimate."""
+    batch, frames = x.shape[:2]
+    x0 = x
+    for step in steps:
+        timesteps = torch.full((batch, frames), step.timestep, dtype=torch.float32, device=x.device)
+        x0 = to_clean(x, dit(x, timesteps, text, memory, actions), step.sigma)
+        if not step.is_last:
+            x = renoise(x0, noise.draw(tuple(x0.shape), x0.dtype, x0.device), step.next_sigma)
+    return x0
