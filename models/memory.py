@@ -78,6 +78,7 @@ class KVCache:
         evicts: bool = True,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        rope_limit_frames: int = ROPE_TABLE_FRAMES,
     ) -> None:
         if config.attention is not AttentionKind.SOFTMAX:
             raise ConfigError(f"a KV cache needs softmax attention; the model uses {config.attention.value}")
@@ -85,6 +86,9 @@ class KVCache:
             raise ConfigError(f"window_frames={window_frames} must be in [1, {ROPE_TABLE_FRAMES // 2}]")
         if not 0 <= sink_frames < window_frames:
             raise ConfigError(f"sink_frames={sink_frames} must be in [0, window_frames={window_frames})")
+        if not 2 * window_frames <= rope_limit_frames <= ROPE_TABLE_FRAMES:
+            raise ConfigError(f"rope_limit_frames={rope_limit_frames} must be in [2 * window_frames, {ROPE_TABLE_FRAMES}]")
+        self.rope_limit_frames = rope_limit_frames
         self.window_frames, self.sink_frames, self.evicts = window_frames, sink_frames, evicts
         self.ring_frames = window_frames - sink_frames
         self.tokens_per_frame = tokens_per_frame
@@ -144,7 +148,7 @@ class KVCache:
                 f"full cache holds {self.window_frames} frames; frame {stop - 1} does not fit "
                 "(use the rolling cache for endless streams)"
             )
-        if stop - self.position_offset > ROPE_TABLE_FRAMES:
+        if stop - self.position_offset > self.rope_limit_frames:
             self._rebase(stop)
         self._plan_frames(first, stop, advances=True)
 
