@@ -20,7 +20,8 @@ _MAX_MEMO = 32  # angle tables kept per Rope; a stream reuses a handful of (posi
 def axis_frequencies(pairs: int) -> Tensor:
     """Inverse frequencies (float64) of one axis with `pairs` complex pairs (axis width 2*pairs)."""
     width = 2 * pairs
-    return 1.0 / torch.pow(_THETA, torch.arange(0, width, 2, dtype=torch.float64).div(width))
+    # on the CPU explicitly: models are built under `with torch.device("meta")` when loading checkpoints
+    return 1.0 / torch.pow(_THETA, torch.arange(0, width, 2, dtype=torch.float64, device="cpu").div(width))
 
 
 class Rope:

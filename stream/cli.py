@@ -1,0 +1,150 @@
+"""The `framecast` command line.
+
+    framecast generate --preset tiny --prompt "a red fox in snow" --frames 64 -o out.mp4
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from framecast.models.config import PRESETS, preset
+from framecast.models.dit import CausalWanDiT
+from framecast.models.errors import ConfigError, FrameCastError
+from framecast.models.preview import PreviewDecoder
+from framecast.models.text import HashedTextEncoder, load_prompt_embeds
+from framecast.stream.engine import CacheKind, EngineConfig, StreamEngine
+
+log = logging.getLogger("framecast")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
+VAE_SPATIAL, VAE_TEMPORAL = 8, 4  # Wan VAE: 8x8 pixels and 4 frames per latent (the first latent gives 1 frame)
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--steps {text!r} must be comma-separated integers, e.g. 1000,750,500,250")
+
+
+def add_generate(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("generate", help="generate a video file from a prompt")
+    p.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)} (default tiny)")
+    p.add_argument("--weights", type=Path, help="checkpoint (.pt/.pth of the causal-Wan families, or .safetensors)")
+    p.add_argument("--prompt", default="a quiet lake at dawn", help="prompt text")
+    p.add_argument("--prompt-embeds", type=Path, help="precomputed text-encoder output [T, text_dim] (.pt/.safetensors)")
+    p.add_argument("--frames", type=int, default=33, help="video frames to write (default 33)")
+    p.add_argument("-o", "--output", type=Path, help="video file to write (mp4)")
+    p.add_argument("--latents-out", type=Path, help="also save the latents [B, F, C, H, W] (.safetensors)")
+    p.add_argument("--height", type=int, default=128, help="frame height in pixels (multiple of 16)")
+    p.add_argument("--width", type=int, default=128, help="frame width in pixels (multiple of 16)")
+    p.add_argument("--fps", type=int, default=16, help="frame rate of the file (default 16, Wan's)")
+    p.add_argument("--chunk-frames", type=int, default=3, help="latent frames per chunk")
+    p.add_argument("--steps", type=parse_steps, default=(1000, 750, 500, 250), help="denoising steps, e.g. 1000,500")
+    p.add_argument("--shift", type=float, default=5.0)
+    p.add_argument("--cache", choices=[k.value for k in CacheKind], default="rolling")
+    p.add_argument("--window-frames", type=int, default=12)
+    p.add_argument("--sink-frames", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(run=run_generate)
+
+
+def build_model(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> CausalWanDiT:
+    if args.weights:
+        from framecast.models.loading import load_dit
+
+        config = preset(args.preset) if args.preset != "tiny" else None
+        return load_dit(args.weights, config, dtype=dtype, device=device)
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        dit = CausalWanDiT(preset(args.preset))
+    log.warning("no --weights given: %s with random weights (the output shows the engine, not a trained model)", args.preset)
+    return dit.to(dtype)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ConfigError("--dtype float16 on the CPU is ~50x slower than bfloat16; use bfloat16 or float32")
+    if args.frames < 1:
+        raise ConfigError(f"--frames={args.frames} must be >= 1")
+    if args.height % (2 * VAE_SPATIAL) or args.width % (2 * VAE_SPATIAL):
+        raise ConfigError(f"--height/--width {args.height}x{args.width} must be multiples of {2 * VAE_SPATIAL}")
+    if not args.output and not args.latents_out:
+        raise ConfigError("nothing to write: give -o/--output and/or --latents-out")
+    dit = build_model(args, dtype, device).eval()
+    if args.prompt_embeds:
+        prompt = load_prompt_embeds(args.prompt_embeds, dit.config.text_dim, dit.config.text_len)
+    else:
+        if args.weights:
+            log.warning("--prompt text is hashed, not encoded: real checkpoints need --prompt-embeds from their text encoder")
+        prompt = HashedTextEncoder(dit.config.text_dim, dit.config.text_len).encode(args.prompt)
+    config = EngineConfig(
+        latent_height=args.height // VAE_SPATIAL, latent_width=args.width // VAE_SPATIAL, chunk_frames=args.chunk_frames,
+        denoising_steps=args.steps, shift=args.shift, cache=CacheKind(args.cache), window_frames=args.window_frames,
+        sink_frames=args.sink_frames if args.cache == "rolling" else 0, seed=args.seed,
+    )
+    latent_frames = 1 + math.ceil((args.frames - 1) / VAE_TEMPORAL)
+    num_chunks = math.ceil(latent_frames / config.chunk_frames)
+    engine = StreamEngine(dit, config, prompt.to(device, dtype))
+    decoder = PreviewDecoder(dit.config.out_dim, VAE_SPATIAL, VAE_TEMPORAL)
+    sink = None
+    if args.output:
+        from framecast.stream.sinks.file import VideoFileSink
+
+        sink = VideoFileSink(args.output, args.fps)
+    latents, written, start = [], 0, time.perf_counter()
+    try:
+        with tqdm(total=num_chunks, unit="chunk", desc="generating", disable=None) as progress:
+            for chunk in itertools.islice(engine.chunks(), num_chunks):
+                if args.latents_out:
+                    latents.append(chunk.latents.float().cpu())
+                if sink:
+                    frames = decoder.decode(chunk.latents)[0].numpy()[: args.frames - written]
+                    sink.write(frames)
+                    written += len(frames)
+                progress.update(1)
+    finally:
+        if sink:
+            sink.close()
+    seconds = time.perf_counter() - start
+    if args.latents_out:
+        from safetensors.torch import save_file
+
+        args.latents_out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"latents": torch.cat(latents, dim=1).contiguous()}, str(args.latents_out))
+        print(f"wrote latents {tuple(torch.cat(latents, dim=1).shape)} to {args.latents_out}")
+    if sink:
+        print(f"wrote {written} frames ({args.width}x{args.height}, {args.fps} fps, preview decoder) to {args.output}")
+    print(f"{num_chunks * config.chunk_frames} latent frames in {seconds:.2f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="framecast", description="Real-time streaming video generation")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_generate(commands)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        args.run(args)
+    except FrameCastError as error:
+        print(f"framecast: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
