@@ -1,0 +1,20 @@
+# The README's two commands. PIP_CONSTRAINT pins torch to the 2.13.0 CPU wheel so no dependency pulls a CUDA build.
+PYTHON ?= python3
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+
+.PHONY: install demo test
+
+install:
+	$(PYTHON) -m pip install -q -c constraints.txt -e ".[dev]"
+
+# the main job: stream a short video from the embedded default model (random-weight tiny preset until it ships)
+demo: install
+	framecast generate --prompt "a quiet lake at dawn" --frames 65 -o out/demo.mp4
+
+# the tests, inside a loopback-only network namespace when we may create one (root), so nothing leaves the machine
+test: install
+	@if [ "$$(id -u)" = 0 ] && command -v unshare >/dev/null && unshare -n true 2>/dev/null; then \
+		unshare -n sh -c 'ip link set lo up 2>/dev/null; exec $(PYTHON) -m pytest -q'; \
+	else \
+		$(PYTHON) -m pytest -q; \
+	fi
