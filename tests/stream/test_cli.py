@@ -1,0 +1,42 @@
+import av
+import pytest
+from safetensors.torch import load_file
+
+from framecast.stream.cli import main
+
+
+def test_generate_writes_the_requested_frames_and_latents(tmp_path, capsys) -> None:
+    video, latents = tmp_path / "out.mp4", tmp_path / "latents.safetensors"
+    code = main(["generate", "--frames", "20", "--height", "64", "--width", "96", "-o", str(video),
+                 "--latents-out", str(latents), "--steps", "1000,500", "--dtype", "float32"])
+    assert code == 0
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        frames = list(container.decode(stream))
+    assert len(frames) == 20 and (frames[0].width, frames[0].height) == (96, 64)
+    assert load_file(latents)["latents"].shape == (1, 6, 16, 8, 12)  # 1 + ceil(19 / 4) = 6 latent frames, 2 chunks
+    assert "wrote 20 frames" in capsys.readouterr().out
+
+
+def test_different_prompts_give_different_videos(tmp_path) -> None:
+    outputs = []
+    for prompt in ("a red fox", "a blue whale"):
+        path = tmp_path / f"{prompt}.safetensors"
+        assert main(["generate", "--prompt", prompt, "--frames", "1", "--latents-out", str(path), "--dtype", "float32"]) == 0
+        outputs.append(load_file(path)["latents"])
+    assert not (outputs[0] == outputs[1]).all()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "huge"], "unknown preset 'huge'"),
+        (["--dtype", "float16", "--device", "cpu"], "float16 on the CPU"),
+        (["--height", "100"], "multiples of 16"),
+        (["--window-frames", "2"], "sink_frames=3 must be in"),
+        (["--prompt", "!!!"], "has no words"),
+    ],
+)
+def test_bad_arguments_give_one_clear_error(tmp_path, capsys, argv: list, message: str) -> None:
+    assert main(["generate", "-o", str(tmp_path / "x.mp4"), *argv]) == 2
+    assert message in capsys.readouterr().err
