@@ -9,7 +9,7 @@ install:
 
 # the main job: stream a short video from the embedded default model (random-weight tiny preset until it ships)
 demo: install
-	framecast generate --prompt "a quiet lake at dawn" --frames 65 -o out/demo.mp4
+	$(PYTHON) -m framecast.stream.cli generate --prompt "a quiet lake at dawn" --frames 65 -o out/demo.mp4
 
 # the tests, inside a loopback-only network namespace when we may create one (root), so nothing leaves the machine
 test: install

@@ -55,7 +55,21 @@ class _Plan:
     advances: bool  # a chunk moves the stream forward on commit; a recache does not
 
 
-class KVCache:
+class _Planned:
+    """What every cached policy shares: the plan of the frames in flight."""
+
+    _plan: _Plan | None = None
+
+    def _in_flight(self) -> _Plan:
+        if self._plan is None:
+            raise RuntimeError("no frames in flight: call begin_chunk() or begin_recache() first")
+        return self._plan
+
+    def rope_positions(self) -> tuple[int, ...]:
+        return self._in_flight().positions
+
+
+class KVCache(_Planned):
     """Keys/values of committed frames in fixed buffers [layers, B, window_frames * tokens_per_frame, H, D].
 
     Slots: frames [0, sink_frames) own slots [0, sink_frames); every later frame f lives in ring slot
@@ -166,14 +180,6 @@ class KVCache:
         window_keys.copy_(rotate(window_keys, cos, sin))
         self.position_offset = new_offset
 
-    def rope_positions(self) -> tuple[int, ...]:
-        return self._in_flight().positions
-
-    def _in_flight(self) -> _Plan:
-        if self._plan is None:
-            raise RuntimeError("no frames in flight: call begin_chunk() or begin_recache() first")
-        return self._plan
-
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         plan = self._in_flight()
         keys, values = self.keys[layer], self.values[layer]
@@ -189,7 +195,7 @@ class KVCache:
         self._plan = None
 
 
-class LinearState:
+class LinearState(_Planned):
     """Cumulative linear-attention state per layer: sum of phi(k)^T v [B, H, D, D] and of phi(k) [B, H, D].
 
     Frame positions for RoPE are the frame's index inside its chunk, so they stay bounded forever; order across
@@ -247,11 +253,6 @@ class LinearState:
         first = max(0, self.committed_frames - self.recache_frames)
         self._plan_frames(first, self.committed_frames, advances=False)
         return range(first, self.committed_frames)
-
-    def rope_positions(self) -> tuple[int, ...]:
-        return self._in_flight().positions
-
-    _in_flight = KVCache._in_flight
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         plan = self._in_flight()
