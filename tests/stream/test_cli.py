@@ -40,3 +40,22 @@ def test_different_prompts_give_different_videos(tmp_path) -> None:
 def test_bad_arguments_give_one_clear_error(tmp_path, capsys, argv: list, message: str) -> None:
     assert main(["generate", "-o", str(tmp_path / "x.mp4"), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_generate_with_a_checkpoint_uses_its_weights(tmp_path) -> None:
+    import torch
+
+    from framecast.models.config import preset
+    from framecast.models.dit import CausalWanDiT
+    from framecast.models.loading import save_dit
+
+    outputs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        weights = tmp_path / f"dit{seed}.safetensors"
+        save_dit(CausalWanDiT(preset("tiny")), weights)
+        latents = tmp_path / f"latents{seed}.safetensors"
+        argv = ["generate", "--weights", str(weights), "--frames", "1", "--latents-out", str(latents), "--dtype", "float32"]
+        assert main(argv) == 0
+        outputs.append(load_file(latents)["latents"])
+    assert not torch.equal(outputs[0], outputs[1])
