@@ -2,6 +2,7 @@
 
     python benchmarks/engine.py            # full run (a few minutes on a 2-core CPU)
     python benchmarks/engine.py --quick    # smoke run (about a minute); writes *-quick.* result files
+    python benchmarks/engine.py --gpu-only # on a CUDA machine: only the GPU section
 
 What it measures (random weights; timings do not depend on the weights' values):
 
@@ -14,8 +15,9 @@ What it measures (random weights; timings do not depend on the weights' values):
    directly, `steps + 1` times per chunk (denoising steps + the clean context pass) on inputs of the same shapes,
    against its own rolling KV cache that is kept full (begin_chunk -> DiT calls -> commit), with no sampler, noise,
    history or controls. Engine and baseline chunks are interleaved (ABBA) in the same run. Goal: <= 1.05. Where the
-   ratio is above that (or with --profile), the engine is profiled: time inside DiT forwards (module hooks) vs the
-   whole chunk, and a cProfile split of the engine-side functions.
+   ratio is above that (or with --profile), the engine is profiled: a bare / bare + sampler / engine ladder (which
+   layer adds the time), time inside DiT forwards (module hooks) against the whole chunk, the engine-side functions
+   timed in situ, and a cProfile split.
 3. Memory: preset `tiny` with the rolling cache and with linear attention (LinearState), 2,000 chunks each in a
    fresh process; process RSS (psutil) every 10 chunks, growth from chunk 200 to 2,000 (goal < 2 %), and
    `engine.memory.nbytes` at chunks 10 and 2,000.
@@ -30,6 +32,7 @@ FPS is computed from the median chunk latency (robust to other load on a shared 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import cProfile
 import datetime
@@ -37,10 +40,13 @@ import json
 import os
 import platform
 import pstats
+import random
 import re
 import statistics
+import subprocess
 import sys
 import time
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -55,8 +61,10 @@ import framecast.stream
 from framecast.models.config import AttentionKind, preset
 from framecast.models.dit import CausalWanDiT, parameter_count
 from framecast.models.memory import KVCache, LinearState, Memory
+from framecast.stream import sampler
 from framecast.stream.engine import CacheKind, EngineConfig, LatentChunk, StreamEngine
-from framecast.stream.sampler import FlowMatchSchedule
+from framecast.stream.noise import GaussianNoise
+from framecast.stream.sampler import FlowMatchSchedule, denoise
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -68,7 +76,7 @@ STREAM_DIR = str(Path(framecast.stream.__file__).resolve().parent)
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the benchmark varies; `quick()` shrinks the chunk counts for a smoke run."""
+    """Everything the benchmark varies; `quick_version()` shrinks the chunk counts for a smoke run."""
 
     height_px: int = 128
     width_px: int = 128
@@ -81,7 +89,7 @@ class Settings:
     presets: tuple[str, ...] = ("tiny", "small")
     dtypes: tuple[str, ...] = ("bfloat16", "float32")
     warmup_chunks: int = 8  # > window / chunk, so the cache is full and evicting when timing starts
-    measured_chunks: tuple[tuple[str, int], ...] = (("tiny", 200), ("small", 60))  # engine chunks (as many bare)
+    measured_chunks: tuple[tuple[str, int], ...] = (("tiny", 500), ("small", 100))  # engine chunks (as many bare)
     profile_chunks: int = 30
     memory_preset: str = "tiny"
     memory_dtype: str = "float32"
@@ -131,7 +139,21 @@ def machine_info(settings: Settings) -> dict:
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "code": code_version(),
     }
+
+
+def code_version() -> str:
+    """The commit measured, and the tracked files that differ from it (outside benchmarks/)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                                text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    dirty = [line[3:] for line in status.stdout.splitlines() if not line[3:].startswith("benchmarks/")]
+    return commit.stdout.strip() + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else "")
 
 
 def build_model(name: str, dtype: torch.dtype, device: str, seed: int, **overrides: object) -> tuple[CausalWanDiT, torch.Tensor]:
@@ -154,6 +176,28 @@ def engine_config(settings: Settings, height_px: int, width_px: int) -> EngineCo
 
 def no_sync() -> None:
     pass
+
+
+class ForeignLoad:
+    """CPU time other processes took while the block ran, in % of all cores: a shared machine's noise, recorded."""
+
+    def __enter__(self) -> ForeignLoad:
+        self.process = psutil.Process()
+        self.start = (time.perf_counter(), self._busy(), self._own())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall, busy, own = (now - then for now, then in zip((time.perf_counter(), self._busy(), self._own()), self.start))
+        self.percent = max(0.0, (busy - own) / (wall * (os.cpu_count() or 1)) * 100)
+
+    @staticmethod
+    def _busy() -> float:
+        times = psutil.cpu_times()
+        return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+    def _own(self) -> float:
+        times = self.process.cpu_times()
+        return times.user + times.system + times.children_user + times.children_system
 
 
 # ---------------------------------------------------------------------------------------------------- bare baseline
@@ -199,6 +243,25 @@ class BareDiT:
         self.memory.commit()
 
 
+class SampledDiT(BareDiT):
+    """The bare calls plus the sampler (noise draws, `denoise`, clean context pass): the engine without its wrapper
+    (controls, history, chunk iterator). Used to split the overhead between the sampler and the engine loop."""
+
+    def __init__(self, dit: CausalWanDiT, config: EngineConfig, prompt: torch.Tensor) -> None:
+        super().__init__(dit, config, prompt)
+        self.steps = FlowMatchSchedule(config.shift).steps(config.denoising_steps)
+        self.noise = GaussianNoise(config.seed + 3, self.dit.device)
+        self.shape = tuple(self.latents.shape)
+
+    @torch.inference_mode()
+    def chunk(self) -> None:
+        self.memory.begin_chunk(self.frames)
+        noise = self.noise.draw(self.shape, self.dit.dtype, self.dit.device)
+        latents = denoise(self.dit, noise, self.text, self.memory, self.steps, self.noise)
+        self.dit(latents, self.timesteps[-1], self.text, self.memory)
+        self.memory.commit()
+
+
 # ---------------------------------------------------------------------------------------------------- latency
 
 
@@ -210,14 +273,16 @@ def timed(call: Callable[[], object], sync: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def first_chunk(dit: CausalWanDiT, config: EngineConfig, prompt: torch.Tensor, sync: Callable[[], None]) -> tuple[float, Iterator[LatentChunk]]:
-    """Seconds from engine construction to the first chunk, and the engine's running chunk iterator."""
+def first_chunk(dit: CausalWanDiT, config: EngineConfig, prompt: torch.Tensor,
+                sync: Callable[[], None]) -> tuple[float, StreamEngine, Iterator[LatentChunk]]:
+    """Seconds from engine construction to the first chunk, the engine and its running chunk iterator."""
     sync()
     start = time.perf_counter()
-    chunks = StreamEngine(dit, config, prompt).chunks()
+    engine = StreamEngine(dit, config, prompt)
+    chunks = engine.chunks()
     next(chunks)
     sync()
-    return time.perf_counter() - start, chunks
+    return time.perf_counter() - start, engine, chunks
 
 
 def interleaved(chunks: Iterator[LatentChunk], bare: BareDiT, count: int, sync: Callable[[], None], label: str) -> tuple[list[float], list[float]]:
@@ -271,18 +336,20 @@ def benchmark_stream(name: str, dtype: str, device: str, config: EngineConfig, s
                      warmup: int, count: int, sync: Callable[[], None], profile: bool) -> dict:
     """Time to first chunk, then interleaved engine/bare latency; a profile when the overhead is over the goal."""
     dit, prompt = build_model(name, DTYPES[dtype], device, settings.seed)
-    cold, _ = first_chunk(dit, config, prompt, sync)
-    warm, chunks = first_chunk(dit, config, prompt, sync)
+    cold, _, _ = first_chunk(dit, config, prompt, sync)
+    warm, engine, chunks = first_chunk(dit, config, prompt, sync)
     bare = BareDiT(dit, config, prompt)
     for _ in range(warmup):
         next(chunks)
         bare.chunk()
     sync()
-    engine_s, bare_s = interleaved(chunks, bare, count, sync, f"{name} {dtype}")
+    with ForeignLoad() as load:
+        engine_s, bare_s = interleaved(chunks, bare, count, sync, f"{name} {dtype}")
     row = summarize(name, dtype, parameter_count(dit.config), config.chunk_frames, cold, warm, engine_s, bare_s)
+    row["foreign_cpu_percent"] = load.percent
     if profile or row["overhead"] > OVERHEAD_GOAL:
-        row["profile"] = profile_engine(dit, chunks, settings.profile_chunks, sync)
-    del bare, chunks, dit
+        row["profile"] = profile_engine(engine, chunks, bare, prompt, settings.profile_chunks, sync)
+    del bare, chunks, engine, dit
     return row
 
 
@@ -310,7 +377,7 @@ def engine_side_functions(stats: pstats.Stats, chunks: int, top: int = 12) -> li
     """cProfile split of engine-side time: functions of framecast.stream that make no DiT call, and the functions
     framecast.stream calls directly (torch ops included), DiT calls excluded. Cumulative ms per chunk."""
     enclosing = {"chunks", "step", "denoise", "_recache", "_apply_controls"}  # contain DiT calls or the rest
-    module_call = {"_wrapped_call_impl", "_call_impl"}
+    wrappers = {"_wrapped_call_impl", "_call_impl", "decorate_context"}  # the DiT call; inference_mode around step()
     rows: dict[str, list[float]] = {}
     for (file, line, func), (_, calls, _, cumulative, callers) in stats.stats.items():
         name = f"{Path(file).name}:{line}({func})" if file != "~" else func
@@ -318,7 +385,7 @@ def engine_side_functions(stats: pstats.Stats, chunks: int, top: int = 12) -> li
             if func not in enclosing:
                 rows[name] = [calls, cumulative]
             continue
-        if func in module_call:
+        if func in wrappers:
             continue
         from_stream = [v for (cfile, _, _), v in callers.items() if cfile.startswith(STREAM_DIR)]
         if from_stream:
@@ -327,11 +394,67 @@ def engine_side_functions(stats: pstats.Stats, chunks: int, top: int = 12) -> li
     return [{"function": k, "calls_per_chunk": v[0] / chunks, "ms_per_chunk": v[1] / chunks * 1e3} for k, v in ordered]
 
 
-def profile_engine(dit: CausalWanDiT, chunks: Iterator[LatentChunk], count: int, sync: Callable[[], None]) -> dict:
-    """Where engine time outside the DiT goes: hook-timed DiT share of each chunk, then a cProfile split."""
-    totals, remove = dit_time_hooks(dit, sync)
-    chunk_s = sum(timed(lambda: next(chunks), sync) for _ in range(count))
+@contextlib.contextmanager
+def in_situ_timers(engine: StreamEngine) -> Iterator[tuple[dict[str, float], Counter]]:
+    """Seconds and calls of the engine-side functions while the engine runs: the engine's own controls, noise and
+    history (wrapped on the instances) and the sampler's to_clean / renoise (wrapped in framecast.stream.sampler,
+    where `denoise` looks them up). Everything is restored on exit. Without device syncs: launch time on a GPU."""
+    seconds: dict[str, float] = defaultdict(float)
+    calls: Counter = Counter()
+
+    def wrap(name: str, function: Callable) -> Callable:
+        def timed_call(*args: object, **kwargs: object) -> object:
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seconds[name] += time.perf_counter() - start
+                calls[name] += 1
+        return timed_call
+
+    instances = [(engine, "_apply_controls", "StreamEngine._apply_controls"), (engine.noise, "draw", "noise.draw"),
+                 (engine.history, "push", "LatentHistory.push")]
+    functions = [(sampler, "to_clean", "sampler.to_clean"), (sampler, "renoise", "sampler.renoise")]
+    originals = [getattr(module, attr) for module, attr, _ in functions]
+    for owner, attr, name in instances + functions:
+        setattr(owner, attr, wrap(name, getattr(owner, attr)))
+    try:
+        yield seconds, calls
+    finally:
+        for owner, attr, _ in instances:
+            delattr(owner, attr)  # the instance attribute shadowed the class's method
+        for (module, attr, _), original in zip(functions, originals):
+            setattr(module, attr, original)
+
+
+def ladder(chunks: Iterator[LatentChunk], bare: BareDiT, sampled: SampledDiT, count: int, sync: Callable[[], None]) -> dict:
+    """Median ms of engine, bare + sampler and bare chunks, run in a shuffled order each round."""
+    calls = {"engine": lambda: next(chunks), "bare_plus_sampler": sampled.chunk, "bare": bare.chunk}
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    order = random.Random(0)
+    for _ in tqdm(range(count), desc="overhead ladder", leave=False):
+        for name in order.sample(list(calls), len(calls)):
+            seconds[name].append(timed(calls[name], sync))
+    return {f"{name}_ms": statistics.median(values) * 1e3 for name, values in seconds.items()}
+
+
+def profile_engine(engine: StreamEngine, chunks: Iterator[LatentChunk], bare: BareDiT, prompt: torch.Tensor,
+                   count: int, sync: Callable[[], None]) -> dict:
+    """Where engine time outside the DiT goes: the engine / bare + sampler / bare ladder; then, over the same chunks,
+    the DiT forwards (module hooks) and the engine-side functions (in situ); then a cProfile split."""
+    sampled = SampledDiT(engine.dit, engine.config, prompt)
+    for _ in range(3):
+        sampled.chunk()
+    steps = ladder(chunks, bare, sampled, 4 * count, sync)
+    totals, remove = dit_time_hooks(engine.dit, sync)
+    with in_situ_timers(engine) as (seconds, calls):
+        chunk_s = sum(timed(lambda: next(chunks), sync) for _ in range(count))
     remove()
+    in_situ = [{"function": name, "calls_per_chunk": calls[name] / count, "ms_per_chunk": seconds[name] / count * 1e3}
+               for name in sorted(seconds, key=lambda n: -seconds[n])]
+    outside = chunk_s - totals["seconds"]
+    in_situ.append({"function": "rest: torch.full, memory begin/commit (the bare pays these too), loop, hook dispatch",
+                    "calls_per_chunk": float("nan"), "ms_per_chunk": (outside - sum(seconds.values())) / count * 1e3})
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(count):
@@ -340,10 +463,12 @@ def profile_engine(dit: CausalWanDiT, chunks: Iterator[LatentChunk], count: int,
     stats = pstats.Stats(profiler)
     return {
         "chunks": count,
+        "ladder": steps,
         "chunk_ms": chunk_s / count * 1e3,
         "dit_ms": totals["seconds"] / count * 1e3,
         "dit_calls_per_chunk": totals["calls"] / count,
-        "outside_dit_ms": (chunk_s - totals["seconds"]) / count * 1e3,
+        "outside_dit_ms": outside / count * 1e3,
+        "in_situ_engine_side": in_situ,
         "cprofile_engine_side": engine_side_functions(stats, count),
     }
 
@@ -392,8 +517,10 @@ def memory_runs(settings: Settings) -> list[dict]:
     """Each memory run in its own fresh process, so no earlier allocation hides (or causes) growth."""
     results = []
     for attention in (AttentionKind.SOFTMAX.value, AttentionKind.LINEAR.value):
-        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            results.append(pool.submit(memory_run, settings, attention).result())
+        with ForeignLoad() as load:
+            with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+                result = pool.submit(memory_run, settings, attention).result()
+        results.append(result | {"foreign_cpu_percent": load.percent})
     return results
 
 
@@ -452,12 +579,14 @@ LATENCY_COLUMNS = [
     ("latent FPS", "latent_fps", "{:.1f}"), ("video FPS", "video_fps", "{:.1f}"),
     ("bare DiT median (ms)", "bare_median_ms", "{:.2f}"), ("overhead (median)", "overhead", "{:.3f}"),
     ("overhead (mean)", "overhead_mean", "{:.3f}"), ("chunks", "chunks", "{}"),
+    ("foreign CPU (%)", "foreign_cpu_percent", "{:.1f}"),
 ]
 MEMORY_COLUMNS = [
     ("preset", "preset", "{}"), ("attention", "attention", "{}"), ("memory", "memory", "{}"), ("dtype", "dtype", "{}"),
     ("chunks", "chunks", "{}"), ("RSS @from (MiB)", "rss_first_mib", "{:.1f}"), ("RSS @last (MiB)", "rss_last_mib", "{:.1f}"),
     ("growth (MiB)", "rss_growth_mib", "{:+.2f}"), ("growth (%)", "rss_growth_percent", "{:+.3f}"),
     ("nbytes (early)", "nbytes_first", "{:,}"), ("nbytes (last)", "nbytes_last", "{:,}"), ("seconds", "seconds", "{:.1f}"),
+    ("foreign CPU (%)", "foreign_cpu_percent", "{:.1f}"),
 ]
 
 
@@ -485,12 +614,21 @@ def profile_text(rows: list[dict]) -> str:
         if "profile" not in row:
             continue
         p = row["profile"]
+        lad = p["ladder"]
         parts.append(
-            f"**{row['preset']} {row['dtype']}** (overhead {row['overhead']:.3f}): chunk {p['chunk_ms']:.2f} ms, "
+            f"**{row['preset']} {row['dtype']}** (overhead {row['overhead']:.3f}). Ladder over {4 * p['chunks']} shuffled "
+            f"rounds, median ms: bare DiT {lad['bare_ms']:.3f} -> + sampler (noise, denoise math, timesteps) "
+            f"{lad['bare_plus_sampler_ms']:.3f} -> engine {lad['engine_ms']:.3f}; i.e. sampler "
+            f"{lad['bare_plus_sampler_ms'] - lad['bare_ms']:+.3f} ms, engine loop (controls, history, iterator) "
+            f"{lad['engine_ms'] - lad['bare_plus_sampler_ms']:+.3f} ms per chunk.\n\n"
+            f"Hook-timed: chunk {p['chunk_ms']:.2f} ms, "
             f"inside {p['dit_calls_per_chunk']:.0f} DiT forwards {p['dit_ms']:.2f} ms, outside the DiT "
-            f"{p['outside_dit_ms']:.2f} ms/chunk (hook-timed over {p['chunks']} chunks). cProfile, engine side "
-            "(cumulative ms per chunk, inflated by the profiler):\n"
+            f"{p['outside_dit_ms']:.2f} ms/chunk (over {p['chunks']} chunks), split in situ:\n"
         )
+        parts.append(table(p["in_situ_engine_side"], [("function", "function", "{}"),
+                                                      ("calls/chunk", "calls_per_chunk", "{:.0f}"),
+                                                      ("ms/chunk", "ms_per_chunk", "{:.3f}")]))
+        parts.append("\ncProfile, engine side (cumulative ms per chunk; the profiler inflates Python-heavy calls):\n")
         parts.append(table(p["cprofile_engine_side"], [("function", "function", "{}"),
                                                        ("calls/chunk", "calls_per_chunk", "{:.1f}"),
                                                        ("ms/chunk", "ms_per_chunk", "{:.3f}")]))
@@ -513,7 +651,8 @@ def verdicts(rows: list[dict], memory: list[dict]) -> list[str]:
 def markdown(title: str, machine: dict, settings: Settings, command: str, date: str, rows: list[dict],
              memory: list[dict] | None, gpu_note: str | None, plot: str | None) -> str:
     machine_lines = "\n".join(f"- {k}: {v}" for k, v in machine.items())
-    stream = (f"{settings.chunk_frames} latent frames per chunk, steps {list(settings.steps)}, rolling KV cache "
+    stream = (f"{settings.width_px}x{settings.height_px} px (latent {settings.height_px // 8}x{settings.width_px // 8}), "
+              f"{settings.chunk_frames} latent frames per chunk, steps {list(settings.steps)}, rolling KV cache "
               f"window {settings.window_frames} with {settings.sink_frames} sinks, random weights, batch 1")
     out = [f"# {title}", "", f"- date: {date}", f"- command: `{command}`", f"- stream: {stream}", "", "## Machine", "",
            machine_lines, "", "## Latency, FPS, overhead", "",
@@ -550,6 +689,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--profile", action="store_true", help="profile the engine even when the overhead meets the goal")
     parser.add_argument("--skip-memory", action="store_true", help="leave out the 2,000-chunk memory runs")
+    parser.add_argument("--gpu-only", action="store_true", help="only the GPU section (CUDA machines)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     return parser.parse_args(argv)
 
@@ -566,26 +706,34 @@ def main(argv: list[str] | None = None) -> None:
     machine = machine_info(settings)
     started = time.perf_counter()
 
-    memory = [] if args.skip_memory else memory_runs(settings)
-    rows = run_cpu(settings, args.profile)
+    cpu_sections = not args.gpu_only
+    memory = memory_runs(settings) if cpu_sections and not args.skip_memory else []
+    rows = run_cpu(settings, args.profile) if cpu_sections else []
     gpu = run_gpu(settings, args.profile)
     machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     machine["benchmark_seconds"] = round(time.perf_counter() - started, 1)
+    if "rows" in gpu:
+        write_gpu(args.out, suffix, gpu, machine, settings, command, date)
+    if cpu_sections:
+        write_cpu(args.out, suffix, rows, memory, gpu, machine, settings, command, date)
+    elif "skipped" in gpu:
+        print(gpu["skipped"])
 
+
+def write_cpu(out: Path, suffix: str, rows: list[dict], memory: list[dict], gpu: dict, machine: dict,
+              settings: Settings, command: str, date: str) -> None:
     plot = None
     if memory:
         plot = f"engine-cpu-rss{suffix}.png"
-        plot_rss(memory, args.out / plot)
-        print(f"wrote {args.out / plot}")
+        plot_rss(memory, out / plot)
+        print(f"wrote {out / plot}")
     gpu_note = gpu.get("skipped") or f"see engine-{slug(gpu['device'])}{suffix}.md"
     report = markdown("FrameCast engine benchmark (CPU)", machine, settings, command, date, rows, memory, gpu_note, plot)
     print("\n" + report)
     payload = {"date": date, "command": command, "machine": machine, "settings": asdict(settings),
                "latency": rows, "memory": memory, "gpu": gpu if "skipped" in gpu else {"see": gpu_note}}
-    write(args.out / f"engine-cpu{suffix}.json", json.dumps(payload, indent=1))
-    write(args.out / f"engine-cpu{suffix}.md", report)
-    if "rows" in gpu:
-        write_gpu(args.out, suffix, gpu, machine, settings, command, date)
+    write(out / f"engine-cpu{suffix}.json", json.dumps(payload, indent=1))
+    write(out / f"engine-cpu{suffix}.md", report)
 
 
 def slug(text: str) -> str:
@@ -595,7 +743,8 @@ def slug(text: str) -> str:
 def write_gpu(out: Path, suffix: str, gpu: dict, machine: dict, settings: Settings, command: str, date: str) -> None:
     name = f"engine-{slug(gpu['device'])}{suffix}"
     gpu_settings = replace(settings, height_px=settings.gpu_height_px, width_px=settings.gpu_width_px)
-    note = f"{gpu['device']}, CUDA {gpu['cuda']}, peak allocated {gpu['max_memory_allocated_gib']:.1f} GiB; 832x480 px"
+    note = (f"{gpu['device']}, CUDA {gpu['cuda']}, peak allocated {gpu['max_memory_allocated_gib']:.1f} GiB, "
+            f"preset {settings.gpu_preset} in {settings.gpu_dtype}")
     report = markdown(f"FrameCast engine benchmark ({gpu['device']})", machine, gpu_settings, command, date,
                       gpu["rows"], None, note, None)
     print("\n" + report)

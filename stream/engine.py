@@ -121,11 +121,10 @@ class LatentHistory:
         self.stop = 0  # frames pushed so far
 
     def push(self, latents: Tensor, actions: Tensor | None) -> None:
-        for offset in range(latents.shape[1]):
-            slot = (self.stop + offset) % self.capacity
-            self.latents[:, slot].copy_(latents[:, offset])
-            if actions is not None:
-                self.actions[:, slot].copy_(actions[:, offset])
+        slots = [(self.stop + offset) % self.capacity for offset in range(latents.shape[1])]
+        self.latents[:, slots] = latents
+        if actions is not None:
+            self.actions[:, slots] = actions
         self.stop += latents.shape[1]
 
     def frames(self, frames: range) -> tuple[Tensor, Tensor]:
