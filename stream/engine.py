@@ -9,10 +9,9 @@ boundary, in order, so a chunk is always generated under one prompt and one acti
 from __future__ import annotations
 
 import enum
-import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +92,7 @@ class LatentChunk:
     latents: Tensor  # [B, chunk_frames, C, H, W], clean
     seconds: float  # wall time to produce this chunk (controls and recache included)
     stages: dict[str, float] = field(default_factory=dict)  # per-stage seconds when profiling
+    steps: tuple[int, ...] = ()  # the raw step list this chunk was denoised with
 
 
 def make_memory(dit: CausalWanDiT, config: EngineConfig) -> Memory:
@@ -146,8 +146,10 @@ class StreamEngine:
     ) -> None:
         self.dit, self.config = dit, config
         self.memory = make_memory(dit, config)
-        self.steps: tuple[Step, ...] = FlowMatchSchedule(config.shift).steps(config.denoising_steps)
-        self.context_sigma = FlowMatchSchedule(config.shift).sigma_at(float(config.context_noise))
+        self.schedule = FlowMatchSchedule(config.shift)
+        self.steps: tuple[Step, ...] = self.schedule.steps(config.denoising_steps)
+        self._step_tables = {config.denoising_steps: self.steps}  # built once per list, off the hot path
+        self.context_sigma = self.schedule.sigma_at(float(config.context_noise))
         self.noise = noise if noise is not None else GaussianNoise(config.seed)
         self.chunk_shape = (config.batch, config.chunk_frames, dit.config.in_dim, config.latent_height, config.latent_width)
         self.history = LatentHistory(config.window_frames, self.chunk_shape, dit.dtype, dit.device)
@@ -234,15 +236,26 @@ class StreamEngine:
             self.dit(latents, timesteps, self._text, self.memory, actions if self.dit.config.num_actions else None)
         self.memory.commit()
 
+    def steps_for(self, raw_steps: Sequence[int]) -> tuple[Step, ...]:
+        """The schedule of a shorter step list (a deadline scheduler's degradation): a sub-list of the configured
+        steps that keeps the first step, since distilled models are trained on those timesteps only."""
+        key, full = tuple(raw_steps), self.config.denoising_steps
+        if key not in self._step_tables:
+            if not key or key[0] != full[0] or not set(key) <= set(full):
+                raise ConfigError(f"steps={key} must be a sub-list of denoising_steps={full} keeping its first step {full[0]}")
+            self._step_tables[key] = self.schedule.steps(key)
+        return self._step_tables[key]
+
     # the hot path
     @torch.inference_mode()
-    def step(self) -> Tensor:
+    def step(self, steps: Sequence[int] | None = None) -> Tensor:
         """Generate the next chunk's clean latents [B, chunk_frames, C, H, W] and commit them to memory."""
         config, dit = self.config, self.dit
+        schedule = self.steps if steps is None else self.steps_for(steps)
         self.memory.begin_chunk(config.chunk_frames)
         with self.timer.measure("denoise"):
             noise = self.noise.draw(self.chunk_shape, dit.dtype, dit.device)
-            latents = denoise(dit, noise, self._text, self.memory, self.steps, self.noise, self._actions)
+            latents = denoise(dit, noise, self._text, self.memory, schedule, self.noise, self._actions)
         with self.timer.measure("context"):
             context = latents
             if config.context_noise:
@@ -253,12 +266,18 @@ class StreamEngine:
         return latents
 
     @torch.inference_mode()
+    def next_chunk(self, steps: Sequence[int] | None = None) -> LatentChunk:
+        """Apply pending controls and generate one chunk (optionally with fewer steps); chunks() is this, forever."""
+        start = time.perf_counter()
+        self._apply_controls()
+        first_frame = self.memory.committed_frames
+        latents = self.step(steps)
+        used = tuple(steps) if steps is not None else self.config.denoising_steps
+        chunk = LatentChunk(self.chunk_index, first_frame, latents, time.perf_counter() - start, self.timer.take(), used)
+        self.chunk_index += 1
+        return chunk
+
     def chunks(self) -> Iterator[LatentChunk]:
         """Yield latent chunks forever; each follows the newest prompt and actions set before it started."""
-        for _ in itertools.count():
-            start = time.perf_counter()
-            self._apply_controls()
-            first_frame = self.memory.committed_frames
-            latents = self.step()
-            yield LatentChunk(self.chunk_index, first_frame, latents, time.perf_counter() - start, self.timer.take())
-            self.chunk_index += 1
+        while True:
+            yield self.next_chunk()

@@ -194,3 +194,15 @@ def test_endless_stream_keeps_memory_and_positions_bounded(attention: AttentionK
     assert chunk.first_frame + config.chunk_frames == 6000
     assert nbytes[10] == nbytes[1999]
     assert 0 <= min(positions) and max(positions) < 1024
+
+
+def test_fewer_steps_per_chunk_follow_the_sub_schedule() -> None:
+    full, fewer = tiny_engine(), tiny_engine()
+    a = full.next_chunk()
+    b = fewer.next_chunk(steps=(1000, 500))
+    assert (a.steps, b.steps) == ((1000, 750, 500, 250), (1000, 500))
+    assert not torch.allclose(a.latents, b.latents)
+    with pytest.raises(ConfigError, match=r"steps=\(750,\) must be a sub-list"):
+        fewer.next_chunk(steps=(750,))
+    with pytest.raises(ConfigError, match="sub-list"):
+        fewer.next_chunk(steps=(1000, 600))
