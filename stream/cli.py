@@ -131,11 +131,68 @@ def run_generate(args: argparse.Namespace) -> None:
     print(f"{num_chunks * config.chunk_frames} latent frames in {seconds:.2f} s")
 
 
+def add_bench(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("bench", help="stream in real time under the deadline scheduler and print its metrics")
+    p.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)} (default tiny)")
+    p.add_argument("--weights", type=Path, help="checkpoint to load instead of random weights")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long to stream (default 10)")
+    p.add_argument("--fps", type=int, default=30, help="target video frame rate (default 30)")
+    p.add_argument("--latency-budget", type=float, default=0.5, help="seconds from a frame's media time to its deadline")
+    p.add_argument("--height", type=int, default=128)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--steps", type=parse_steps, default=(1000, 750, 500, 250), help="full step list (degrades to sub-lists)")
+    p.add_argument("--fill", choices=["repeat", "interpolate"], default="repeat", help="fill used when no step list fits")
+    p.add_argument("--load", type=int, default=0, help="busy background processes to inject (CPU load)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--json", type=Path, help="write the metrics summary here")
+    p.add_argument("--prometheus", action="store_true", help="print the /metrics text instead of the summary")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--chunk-frames", type=int, default=3)
+    p.add_argument("--window-frames", type=int, default=12)
+    p.add_argument("--sink-frames", type=int, default=3)
+    p.add_argument("--cache", choices=[k.value for k in CacheKind], default="rolling")
+    p.add_argument("--shift", type=float, default=5.0)
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    from framecast.stream.bench import run_realtime_bench
+
+    if args.seconds <= 0:
+        raise ConfigError(f"--seconds={args.seconds} must be > 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ConfigError("--dtype float16 on the CPU is ~50x slower than bfloat16; use bfloat16 or float32")
+    dit = build_model(args, dtype, device).eval()
+    prompt = HashedTextEncoder(dit.config.text_dim, dit.config.text_len).encode("a quiet lake at dawn")
+    config = EngineConfig(
+        latent_height=args.height // VAE_SPATIAL, latent_width=args.width // VAE_SPATIAL, chunk_frames=args.chunk_frames,
+        denoising_steps=args.steps, shift=args.shift, cache=CacheKind(args.cache), window_frames=args.window_frames,
+        sink_frames=args.sink_frames if args.cache == "rolling" else 0, seed=args.seed,
+    )
+    engine = StreamEngine(dit, config, prompt.to(device, dtype))
+    metrics = run_realtime_bench(
+        engine, PreviewDecoder(dit.config.out_dim, VAE_SPATIAL, VAE_TEMPORAL), fps=args.fps,
+        latency_budget_s=args.latency_budget, seconds=args.seconds, fill=args.fill, background_load=args.load,
+    )
+    print(metrics.to_prometheus() if args.prometheus else metrics.to_text())
+    if args.json:
+        import json
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(metrics.to_json(), indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="framecast", description="Real-time streaming video generation")
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate(commands)
+    add_bench(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
