@@ -6,6 +6,7 @@
     ├── CheckpointError                 a checkpoint that cannot be loaded; lists every bad key at once
     ├── CacheFull (RuntimeError)        a bounded full cache asked to hold more frames than it has room for
     ├── BadMessage (ValueError)         a malformed control message from a client
+    ├── MissingDependency (ImportError) an optional package a feature needs is not installed; says how to install it
     └── SessionClosed                   use of a closed session, sink or stream
 
 This module imports nothing, so every layer (kernels, models, stream) may import it.
@@ -34,6 +35,10 @@ class CacheFull(FrameCastError, RuntimeError):
 
 class BadMessage(FrameCastError, ValueError):
     """A client message is malformed; the message names the field."""
+
+
+class MissingDependency(FrameCastError, ImportError):
+    """An optional package is not installed; the message names it and how to install it."""
 
 
 class SessionClosed(FrameCastError):
