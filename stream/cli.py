@@ -42,6 +42,11 @@ def add_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", type=Path, help="checkpoint (.pt/.pth of the causal-Wan families, or .safetensors)")
     p.add_argument("--prompt", default="a quiet lake at dawn", help="prompt text")
     p.add_argument("--prompt-embeds", type=Path, help="precomputed text-encoder output [T, text_dim] (.pt/.safetensors)")
+    p.add_argument("--text-encoder", type=Path, help="Wan's umT5 checkpoint (models_t5_umt5-xxl-enc-bf16.pth)")
+    p.add_argument("--tokenizer", type=Path, help="local google/umt5-xxl tokenizer folder (with --text-encoder)")
+    p.add_argument("--decoder", choices=["preview", "wan-vae", "taehv"], default="preview",
+                   help="latent decoder: the preview (no weights), the Wan VAE or TAEHV (needs --decoder-weights)")
+    p.add_argument("--decoder-weights", type=Path, help="Wan2.1_VAE.pth or taew2_1.pth")
     p.add_argument("--frames", type=int, default=33, help="video frames to write (default 33)")
     p.add_argument("-o", "--output", type=Path, help="video file to write (mp4)")
     p.add_argument("--latents-out", type=Path, help="also save the latents [B, F, C, H, W] (.safetensors)")
@@ -73,6 +78,39 @@ def build_model(args: argparse.Namespace, dtype: torch.dtype, device: torch.devi
     return dit.to(dtype)
 
 
+def build_decoder(args: argparse.Namespace, latent_channels: int, dtype: torch.dtype, device: torch.device):
+    """The decoder the arguments ask for; real decoders run in float32 at least on the CPU (bf16 convs are slow)."""
+    if args.decoder == "preview":
+        return PreviewDecoder(latent_channels, VAE_SPATIAL, VAE_TEMPORAL)
+    if not args.decoder_weights:
+        raise ConfigError(f"--decoder {args.decoder} needs --decoder-weights (Wan2.1_VAE.pth or taew2_1.pth)")
+    decoder_dtype = torch.float32 if device.type == "cpu" else dtype
+    if args.decoder == "wan-vae":
+        from framecast.models.vae import WanVAEDecoder, load_wan_vae
+
+        return WanVAEDecoder(load_wan_vae(args.decoder_weights, device=device, dtype=decoder_dtype))
+    from framecast.models.taehv import TAEHVDecoder, load_taehv
+
+    return TAEHVDecoder(load_taehv(args.decoder_weights, dtype=decoder_dtype).to(device))
+
+
+def encode_prompt(args: argparse.Namespace, dit: CausalWanDiT, device: torch.device) -> torch.Tensor:
+    """The prompt embedding: precomputed, from Wan's umT5 encoder, or hashed words (random-weight models only)."""
+    config = dit.config
+    if args.prompt_embeds:
+        return load_prompt_embeds(args.prompt_embeds, config.text_dim, config.text_len)
+    if args.text_encoder:
+        from framecast.models.umt5 import Placement, PromptEncoder
+
+        if not args.tokenizer:
+            raise ConfigError("--text-encoder needs --tokenizer (the local google/umt5-xxl folder)")
+        encoder = PromptEncoder.from_files(args.text_encoder, args.tokenizer, device=device, placement=Placement.OFFLOAD)
+        return encoder.encode([args.prompt])[0].float()
+    if args.weights:
+        log.warning("--prompt text is hashed, not encoded: real checkpoints need --text-encoder or --prompt-embeds")
+    return HashedTextEncoder(config.text_dim, config.text_len).encode(args.prompt)
+
+
 def run_generate(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -85,12 +123,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if not args.output and not args.latents_out:
         raise ConfigError("nothing to write: give -o/--output and/or --latents-out")
     dit = build_model(args, dtype, device).eval()
-    if args.prompt_embeds:
-        prompt = load_prompt_embeds(args.prompt_embeds, dit.config.text_dim, dit.config.text_len)
-    else:
-        if args.weights:
-            log.warning("--prompt text is hashed, not encoded: real checkpoints need --prompt-embeds from their text encoder")
-        prompt = HashedTextEncoder(dit.config.text_dim, dit.config.text_len).encode(args.prompt)
+    prompt = encode_prompt(args, dit, device)
     config = EngineConfig(
         latent_height=args.height // VAE_SPATIAL, latent_width=args.width // VAE_SPATIAL, chunk_frames=args.chunk_frames,
         denoising_steps=args.steps, shift=args.shift, cache=CacheKind(args.cache), window_frames=args.window_frames,
@@ -99,7 +132,7 @@ def run_generate(args: argparse.Namespace) -> None:
     latent_frames = 1 + math.ceil((args.frames - 1) / VAE_TEMPORAL)
     num_chunks = math.ceil(latent_frames / config.chunk_frames)
     engine = StreamEngine(dit, config, prompt.to(device, dtype))
-    decoder = PreviewDecoder(dit.config.out_dim, VAE_SPATIAL, VAE_TEMPORAL)
+    decoder = build_decoder(args, dit.config.out_dim, dtype, device)
     sink = None
     if args.output:
         from framecast.stream.sinks.file import VideoFileSink
@@ -127,7 +160,7 @@ def run_generate(args: argparse.Namespace) -> None:
         save_file({"latents": torch.cat(latents, dim=1).contiguous()}, str(args.latents_out))
         print(f"wrote latents {tuple(torch.cat(latents, dim=1).shape)} to {args.latents_out}")
     if sink:
-        print(f"wrote {written} frames ({args.width}x{args.height}, {args.fps} fps, preview decoder) to {args.output}")
+        print(f"wrote {written} frames ({args.width}x{args.height}, {args.fps} fps, {args.decoder} decoder) to {args.output}")
     print(f"{num_chunks * config.chunk_frames} latent frames in {seconds:.2f} s")
 
 

@@ -59,3 +59,25 @@ def test_generate_with_a_checkpoint_uses_its_weights(tmp_path) -> None:
         assert main(argv) == 0
         outputs.append(load_file(latents)["latents"])
     assert not torch.equal(outputs[0], outputs[1])
+
+
+def test_generate_decodes_with_taehv(tmp_path) -> None:
+    import torch
+
+    from framecast.models.taehv import TAEHV, preset as taehv_preset
+
+    torch.manual_seed(0)
+    weights = tmp_path / "taehv.pth"
+    torch.save(TAEHV(taehv_preset("tiny")).state_dict(), weights)
+    video = tmp_path / "out.mp4"
+    argv = ["generate", "--frames", "9", "--height", "32", "--width", "48", "-o", str(video), "--dtype", "float32",
+            "--decoder", "taehv", "--decoder-weights", str(weights)]
+    assert main(argv) == 0
+    with av.open(str(video)) as container:
+        frames = list(container.decode(video=0))
+    assert len(frames) == 9 and (frames[0].width, frames[0].height) == (48, 32)
+
+
+def test_real_decoder_needs_weights(tmp_path, capsys) -> None:
+    assert main(["generate", "-o", str(tmp_path / "x.mp4"), "--decoder", "taehv"]) == 2
+    assert "needs --decoder-weights" in capsys.readouterr().err
