@@ -116,7 +116,7 @@ def read_checkpoint(path: str | os.PathLike, *, ema: bool | None = None) -> Stat
         if ema:
             raise CheckpointError(f"{path}: ema=True, but a safetensors file holds a single, non-EMA state dict")
         return _load_safetensors(path)
-    return _find_state_dict(_torch_load(path), ema, path)
+    return _find_state_dict(load_torch_file(path), ema, path)
 
 
 def _load_safetensors(path: Path) -> StateDict:
@@ -126,7 +126,7 @@ def _load_safetensors(path: Path) -> StateDict:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
-def _torch_load(path: Path) -> object:
+def load_torch_file(path: Path) -> object:
     """torch.load on CPU, weights only; memory-mapped when the file is in the zip format (mmap needs it)."""
     mmap = zipfile.is_zipfile(path)
     try:

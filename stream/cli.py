@@ -53,19 +53,51 @@ def add_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, default=128, help="frame height in pixels (multiple of 16)")
     p.add_argument("--width", type=int, default=128, help="frame width in pixels (multiple of 16)")
     p.add_argument("--fps", type=int, default=16, help="frame rate of the file (default 16, Wan's)")
-    p.add_argument("--chunk-frames", type=int, default=3, help="latent frames per chunk")
-    p.add_argument("--steps", type=parse_steps, default=(1000, 750, 500, 250), help="denoising steps, e.g. 1000,500")
-    p.add_argument("--shift", type=float, default=5.0)
-    p.add_argument("--cache", choices=[k.value for k in CacheKind], default="rolling")
-    p.add_argument("--window-frames", type=int, default=12)
-    p.add_argument("--sink-frames", type=int, default=3)
+    p.add_argument("--family", help="a causal-Wan family preset (self-forcing, causvid, longlive, streamdiffusionv2, "
+                   "rolling-forcing): its DiT, checkpoint layout and stream settings; --weights is its file or folder")
+    add_stream_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(run=run_generate)
 
 
+STREAM_DEFAULTS = dict(chunk_frames=3, denoising_steps=(1000, 750, 500, 250), shift=5.0, cache="rolling",
+                       window_frames=12, sink_frames=3)
+
+
+def add_stream_flags(p: argparse.ArgumentParser) -> None:
+    """Engine settings; unset flags take the family's values (with --family) or STREAM_DEFAULTS."""
+    p.add_argument("--chunk-frames", type=int, help="latent frames per chunk (default 3)")
+    p.add_argument("--steps", dest="denoising_steps", type=parse_steps, help="denoising steps (default 1000,750,500,250)")
+    p.add_argument("--shift", type=float, help="schedule shift (default 5)")
+    p.add_argument("--cache", choices=[k.value for k in CacheKind], help="rolling (default) or full")
+    p.add_argument("--window-frames", type=int, help="frames attended, sinks included (default 12)")
+    p.add_argument("--sink-frames", type=int, help="attention-sink frames (default 3)")
+
+
+def engine_config(args: argparse.Namespace, latent_height: int, latent_width: int) -> EngineConfig:
+    """The engine settings: explicit flags over the family's (or the defaults)."""
+    given = {name: getattr(args, name) for name in STREAM_DEFAULTS if getattr(args, name) is not None}
+    if "cache" in given:
+        given["cache"] = CacheKind(given["cache"])
+    if given.get("cache") is CacheKind.FULL and "sink_frames" not in given:
+        given["sink_frames"] = 0
+    if getattr(args, "family", None):
+        from framecast.stream.families import family
+
+        return family(args.family).engine_config(latent_height, latent_width, seed=args.seed, **given)
+    settings = {**STREAM_DEFAULTS, "cache": CacheKind(STREAM_DEFAULTS["cache"]), **given}
+    return EngineConfig(latent_height=latent_height, latent_width=latent_width, seed=args.seed, **settings)
+
+
 def build_model(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> CausalWanDiT:
+    if getattr(args, "family", None):
+        from framecast.stream.families import load_family
+
+        if not args.weights:
+            raise ConfigError(f"--family {args.family} needs --weights (the family's checkpoint file or folder)")
+        return load_family(args.family, args.weights, dtype=dtype, device=device)
     if args.weights:
         from framecast.models.loading import load_dit
 
@@ -124,11 +156,7 @@ def run_generate(args: argparse.Namespace) -> None:
         raise ConfigError("nothing to write: give -o/--output and/or --latents-out")
     dit = build_model(args, dtype, device).eval()
     prompt = encode_prompt(args, dit, device)
-    config = EngineConfig(
-        latent_height=args.height // VAE_SPATIAL, latent_width=args.width // VAE_SPATIAL, chunk_frames=args.chunk_frames,
-        denoising_steps=args.steps, shift=args.shift, cache=CacheKind(args.cache), window_frames=args.window_frames,
-        sink_frames=args.sink_frames if args.cache == "rolling" else 0, seed=args.seed,
-    )
+    config = engine_config(args, args.height // VAE_SPATIAL, args.width // VAE_SPATIAL)
     latent_frames = 1 + math.ceil((args.frames - 1) / VAE_TEMPORAL)
     num_chunks = math.ceil(latent_frames / config.chunk_frames)
     engine = StreamEngine(dit, config, prompt.to(device, dtype))
@@ -173,7 +201,6 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--latency-budget", type=float, default=0.5, help="seconds from a frame's media time to its deadline")
     p.add_argument("--height", type=int, default=128)
     p.add_argument("--width", type=int, default=128)
-    p.add_argument("--steps", type=parse_steps, default=(1000, 750, 500, 250), help="full step list (degrades to sub-lists)")
     p.add_argument("--fill", choices=["repeat", "interpolate"], default="repeat", help="fill used when no step list fits")
     p.add_argument("--load", type=int, default=0, help="busy background processes to inject (CPU load)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -182,11 +209,7 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--chunk-frames", type=int, default=3)
-    p.add_argument("--window-frames", type=int, default=12)
-    p.add_argument("--sink-frames", type=int, default=3)
-    p.add_argument("--cache", choices=[k.value for k in CacheKind], default="rolling")
-    p.add_argument("--shift", type=float, default=5.0)
+    add_stream_flags(p)
     p.set_defaults(run=run_bench)
 
 
@@ -202,12 +225,7 @@ def run_bench(args: argparse.Namespace) -> None:
         raise ConfigError("--dtype float16 on the CPU is ~50x slower than bfloat16; use bfloat16 or float32")
     dit = build_model(args, dtype, device).eval()
     prompt = HashedTextEncoder(dit.config.text_dim, dit.config.text_len).encode("a quiet lake at dawn")
-    config = EngineConfig(
-        latent_height=args.height // VAE_SPATIAL, latent_width=args.width // VAE_SPATIAL, chunk_frames=args.chunk_frames,
-        denoising_steps=args.steps, shift=args.shift, cache=CacheKind(args.cache), window_frames=args.window_frames,
-        sink_frames=args.sink_frames if args.cache == "rolling" else 0, seed=args.seed,
-    )
-    engine = StreamEngine(dit, config, prompt.to(device, dtype))
+    engine = StreamEngine(dit, engine_config(args, args.height // VAE_SPATIAL, args.width // VAE_SPATIAL), prompt.to(device, dtype))
     metrics = run_realtime_bench(
         engine, PreviewDecoder(dit.config.out_dim, VAE_SPATIAL, VAE_TEMPORAL), fps=args.fps,
         latency_budget_s=args.latency_budget, seconds=args.seconds, fill=args.fill, background_load=args.load,

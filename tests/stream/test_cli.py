@@ -81,3 +81,13 @@ def test_generate_decodes_with_taehv(tmp_path) -> None:
 def test_real_decoder_needs_weights(tmp_path, capsys) -> None:
     assert main(["generate", "-o", str(tmp_path / "x.mp4"), "--decoder", "taehv"]) == 2
     assert "needs --decoder-weights" in capsys.readouterr().err
+
+
+def test_family_errors_name_what_is_missing(tmp_path, capsys) -> None:
+    assert main(["generate", "--family", "self-forcing", "-o", str(tmp_path / "x.mp4")]) == 2
+    assert "--family self-forcing needs --weights" in capsys.readouterr().err
+    assert main(["generate", "--family", "self-forcing", "--weights", str(tmp_path), "-o", str(tmp_path / "x.mp4")]) == 2
+    error = capsys.readouterr().err
+    assert "self_forcing_dmd.pt" in error and "gdhe17/Self-Forcing" in error
+    assert main(["generate", "--family", "self-forcng", "--weights", str(tmp_path), "-o", str(tmp_path / "x.mp4")]) == 2
+    assert "did you mean self-forcing" in capsys.readouterr().err
