@@ -49,6 +49,7 @@ class EngineConfig:
     latent_width: int = 104  # 832 px / 8
     chunk_frames: int = 3
     denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
+    warp_steps: bool = True  # steps index the shifted schedule (Self-Forcing); False: they are timesteps (CausVid)
     shift: float = 5.0
     context_noise: int = 0  # timestep of the clean context pass (0: truly clean)
     cache: CacheKind = CacheKind.ROLLING
@@ -147,7 +148,7 @@ class StreamEngine:
         self.dit, self.config = dit, config
         self.memory = make_memory(dit, config)
         self.schedule = FlowMatchSchedule(config.shift)
-        self.steps: tuple[Step, ...] = self.schedule.steps(config.denoising_steps)
+        self.steps: tuple[Step, ...] = self.schedule.steps(config.denoising_steps, config.warp_steps)
         self._step_tables = {config.denoising_steps: self.steps}  # built once per list, off the hot path
         self.context_sigma = self.schedule.sigma_at(float(config.context_noise))
         self.noise = noise if noise is not None else GaussianNoise(config.seed)
@@ -243,7 +244,7 @@ class StreamEngine:
         if key not in self._step_tables:
             if not key or key[0] != full[0] or not set(key) <= set(full):
                 raise ConfigError(f"steps={key} must be a sub-list of denoising_steps={full} keeping its first step {full[0]}")
-            self._step_tables[key] = self.schedule.steps(key)
+            self._step_tables[key] = self.schedule.steps(key, self.config.warp_steps)
         return self._step_tables[key]
 
     # the hot path

@@ -36,7 +36,6 @@ from framecast.models.dit import CausalWanDiT
 from framecast.models.errors import CheckpointError, ConfigError
 from framecast.models.loading import StateDict, load_torch_file, check_state_dict, normalize_keys, read_checkpoint
 from framecast.stream.engine import CacheKind, EngineConfig, SwitchPolicy
-from framecast.stream.sampler import FlowMatchSchedule
 
 
 @dataclass(frozen=True)
@@ -95,13 +94,10 @@ class Family:
         return dataclasses.replace(self, **changes)
 
     def engine_steps(self, num_steps: int | None = None) -> tuple[int, ...]:
-        """The step list as `EngineConfig.denoising_steps` takes it (raw steps warped onto the shifted schedule).
+        """The step list as `EngineConfig.denoising_steps` takes it; `warps_steps` says how the engine reads it.
 
         `num_steps` keeps the first N steps (StreamDiffusionV2's `--step N`; the first step is the one distilled
-        models are trained to start from). A family whose reference does not warp (CausVid, StreamDiffusionV2) feeds
-        its steps to the model as timesteps; the engine always warps, so each is mapped to the raw step whose warped
-        timestep is nearest: the model then sees e.g. 756.6 instead of 757 (less than half a schedule interval off)
-        and the sigmas are the reference's, which looks them up by the same nearest entry.
+        models are trained to start from).
 
         Raises:
             ConfigError: num_steps outside [1, len(denoising_steps)].
@@ -111,11 +107,7 @@ class Family:
             if not isinstance(num_steps, int) or not 1 <= num_steps <= len(steps):
                 raise ConfigError(f"{self.name}: num_steps={num_steps!r} must be in [1, {len(steps)}]")
             steps = steps[:num_steps]
-        if self.warps_steps:
-            return steps
-        timesteps = FlowMatchSchedule(self.shift).timesteps
-        nearest = [int(torch.argmin((timesteps - float(step)).abs())) for step in steps]
-        return tuple(len(timesteps) - index for index in nearest)  # table index i is raw step 1000 - i
+        return steps
 
     def engine_config(
         self, latent_height: int = 60, latent_width: int = 104, *, num_steps: int | None = None, **overrides: object
@@ -134,6 +126,7 @@ class Family:
             latent_width=latent_width,
             chunk_frames=self.chunk_frames,
             denoising_steps=self.engine_steps(num_steps),
+            warp_steps=self.warps_steps,
             shift=self.shift,
             cache=self.cache,
             window_frames=self.window_frames,

@@ -30,7 +30,7 @@ def reference_stream(
     """Clean latents [B, num_chunks * chunk_frames, C, H, W]; actions [B, num_chunks * chunk_frames] if the model
     takes them. One prompt for the whole stream (prompt switches are the cached engine's business)."""
     schedule = FlowMatchSchedule(config.shift)
-    steps = schedule.steps(config.denoising_steps)
+    steps = schedule.steps(config.denoising_steps, config.warp_steps)
     n, batch = config.chunk_frames, config.batch
     shape = (batch, n, dit.config.in_dim, config.latent_height, config.latent_width)
     text = dit.encode_text((prompt if prompt.ndim == 3 else prompt.unsqueeze(0)).expand(batch, -1, -1))

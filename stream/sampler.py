@@ -53,17 +53,24 @@ class FlowMatchSchedule:
         index = torch.argmin((self.timesteps - torch.tensor(timestep, dtype=torch.float32)).abs())
         return float(self.sigmas[index])
 
-    def warp(self, raw_steps: Sequence[int]) -> list[float]:
-        """Raw step list (values in 1..1000, descending) -> the timesteps the model sees (float32 values)."""
+    @staticmethod
+    def _checked(raw_steps: Sequence[int]) -> Sequence[int]:
         if not raw_steps or any(not isinstance(s, int) or not 0 < s <= NUM_TRAIN_TIMESTEPS for s in raw_steps):
             raise ConfigError(f"denoising steps {list(raw_steps)} must be integers in [1, {NUM_TRAIN_TIMESTEPS}]")
         if list(raw_steps) != sorted(raw_steps, reverse=True) or len(set(raw_steps)) != len(raw_steps):
             raise ConfigError(f"denoising steps {list(raw_steps)} must strictly descend")
+        return raw_steps
+
+    def warp(self, raw_steps: Sequence[int]) -> list[float]:
+        """Raw step list (values in 1..1000, descending) -> the timesteps the model sees (float32 values)."""
+        self._checked(raw_steps)
         table = torch.cat([self.timesteps, torch.zeros(1)])
         return [float(table[NUM_TRAIN_TIMESTEPS - step]) for step in raw_steps]
 
-    def steps(self, raw_steps: Sequence[int]) -> tuple[Step, ...]:
-        timesteps = self.warp(raw_steps)
+    def steps(self, raw_steps: Sequence[int], warp: bool = True) -> tuple[Step, ...]:
+        """The steps of a step list. `warp=False` feeds the raw values to the model as timesteps, as references
+        without `warp_denoising_step` do (CausVid, StreamDiffusionV2); sigmas come from the nearest schedule entry."""
+        timesteps = self.warp(raw_steps) if warp else [float(step) for step in self._checked(raw_steps)]
         sigmas = [self.sigma_at(t) for t in timesteps]
         return tuple(Step(t, s, n) for t, s, n in zip(timesteps, sigmas, sigmas[1:] + [0.0]))
 

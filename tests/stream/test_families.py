@@ -211,13 +211,16 @@ def test_published_values() -> None:
 
 
 @pytest.mark.parametrize("name", ["causvid", "streamdiffusionv2"])
-def test_unwarped_steps_map_to_the_nearest_schedule_entry(name: str) -> None:
+def test_unwarped_families_feed_their_steps_as_timesteps(name: str) -> None:
     fam = family(name)
     config = fam.engine_config()
-    assert config.denoising_steps[0] == 1000
-    seen = FlowMatchSchedule(fam.shift).warp(config.denoising_steps)  # what the model sees
-    for timestep, published in zip(seen, fam.denoising_steps):
-        assert abs(timestep - published) < 0.5, (timestep, published)
+    assert not config.warp_steps and config.denoising_steps == fam.denoising_steps
+    schedule = FlowMatchSchedule(fam.shift)
+    steps = schedule.steps(config.denoising_steps, warp=False)
+    assert [s.timestep for s in steps] == [float(t) for t in fam.denoising_steps]  # what the model sees, exactly
+    for step in steps:  # sigma of the nearest schedule entry, as the reference looks it up
+        nearest = int(torch.argmin((schedule.timesteps - step.timestep).abs()))
+        assert step.sigma == float(schedule.sigmas[nearest])
 
 
 def test_num_steps_keeps_the_first_steps() -> None:

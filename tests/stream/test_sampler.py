@@ -44,3 +44,12 @@ def test_clean_estimate_and_renoise_are_the_flow_matching_identities() -> None:
 def test_bad_step_lists_are_rejected(raw: tuple, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         FlowMatchSchedule(5.0).warp(raw)
+
+
+def test_unwarped_steps_are_fed_as_timesteps_with_the_nearest_sigma() -> None:
+    schedule = FlowMatchSchedule(shift=8.0)
+    steps = schedule.steps((1000, 757, 522), warp=False)
+    assert [s.timestep for s in steps] == [1000.0, 757.0, 522.0]
+    assert steps[1].sigma == schedule.sigma_at(757.0) and steps[0].next_sigma == steps[1].sigma
+    with pytest.raises(ConfigError, match="strictly descend"):
+        schedule.steps((500, 757), warp=False)
