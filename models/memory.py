@@ -93,6 +93,7 @@ class KVCache(_Planned):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         rope_limit_frames: int = ROPE_TABLE_FRAMES,
+        sinks_follow_window: bool = False,
     ) -> None:
         if config.attention is not AttentionKind.SOFTMAX:
             raise ConfigError(f"a KV cache needs softmax attention; the model uses {config.attention.value}")
@@ -111,11 +112,16 @@ class KVCache(_Planned):
         shape = (config.num_layers, batch, window_frames * tokens_per_frame, config.num_heads, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # Rolling Forcing keeps the sinks' positions just before the window; their keys as rotated at their own
+        # positions are kept aside, and each chunk re-rotates them from there (one rotation: no drift over time)
+        self.sinks_follow_window = sinks_follow_window and sink_frames > 0 and evicts
+        sink_shape = (*shape[:2], sink_frames * tokens_per_frame, *shape[3:])
+        self.sink_keys = torch.zeros(sink_shape, dtype=dtype, device=device) if self.sinks_follow_window else None
         self.reset()
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return self.keys.nbytes + self.values.nbytes + (self.sink_keys.nbytes if self.sink_keys is not None else 0)
 
     def reset(self) -> None:
         self.committed_frames = 0
@@ -164,6 +170,8 @@ class KVCache(_Planned):
             )
         if stop - self.position_offset > self.rope_limit_frames:
             self._rebase(stop)
+        if self.sinks_follow_window and stop > self.window_frames:
+            self._move_sinks(oldest_window_frame=stop - self.ring_frames)
         self._plan_frames(first, stop, advances=True)
 
     def begin_recache(self) -> range:
@@ -172,6 +180,14 @@ class KVCache(_Planned):
         first = 0 if committed <= self.window_frames else committed - self.ring_frames
         self._plan_frames(first, committed, advances=False)
         return range(first, committed)
+
+    def _move_sinks(self, oldest_window_frame: int) -> None:
+        """Rotate the sinks' keys so that they sit right before the oldest window frame's position."""
+        shift = self._position(oldest_window_frame) - self.sink_frames
+        cos, sin = self.rope.frame_shift(shift, self.keys.dtype, self.keys.device)
+        pairs = 2 * self.frame_pairs
+        sink_slots = self.keys[:, :, : self.sink_frames * self.tokens_per_frame, :, :pairs]
+        sink_slots.copy_(rotate(self.sink_keys[..., :pairs], cos, sin))
 
     def _rebase(self, stop: int) -> None:
         new_offset = stop - self.ring_frames - self.sink_frames
@@ -190,6 +206,8 @@ class KVCache(_Planned):
 
     def commit(self) -> None:
         plan = self._in_flight()
+        if self.sinks_follow_window and plan.first < self.sink_frames:  # sink keys (re)written at their own positions
+            self.sink_keys.copy_(self.keys[:, :, : self.sink_frames * self.tokens_per_frame])
         if plan.advances:
             self.committed_frames = plan.stop
         self._plan = None

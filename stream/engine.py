@@ -55,6 +55,7 @@ class EngineConfig:
     cache: CacheKind = CacheKind.ROLLING
     window_frames: int = 12  # frames attended, sinks and the chunk in flight included
     sink_frames: int = 3
+    sinks_follow_window: bool = False  # sinks take the positions right before the window (Rolling Forcing)
     switch_policy: SwitchPolicy = SwitchPolicy.RECACHE
     batch: int = 1
     seed: int = 0
@@ -108,6 +109,7 @@ def make_memory(dit: CausalWanDiT, config: EngineConfig) -> Memory:
     return KVCache(
         dit.config, batch=config.batch, tokens_per_frame=tokens, window_frames=config.window_frames,
         sink_frames=config.sink_frames if rolling else 0, evicts=rolling, dtype=dit.dtype, device=dit.device,
+        sinks_follow_window=config.sinks_follow_window,
     )
 
 

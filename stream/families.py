@@ -74,6 +74,7 @@ class Family:
     window_frames: int  # latent frames attended, sinks and the chunk in flight included
     sink_frames: int  # first frames kept in the window forever
     cache: CacheKind = CacheKind.ROLLING
+    sinks_follow_window: bool = False  # sinks' RoPE positions move to sit right before the window
     switch_policy: SwitchPolicy = SwitchPolicy.KEEP
     lora: LoRA | None = None
     dit_preset: str = "wan2.1-t2v-1.3b"
@@ -131,6 +132,7 @@ class Family:
             cache=self.cache,
             window_frames=self.window_frames,
             sink_frames=self.sink_frames,
+            sinks_follow_window=self.sinks_follow_window,
             switch_policy=self.switch_policy,
         )
         return EngineConfig(**{**settings, **overrides})
@@ -217,8 +219,8 @@ FAMILIES: dict[str, Family] = {
         # TencentARC/RollingForcing configs/rolling_forcing_dmd.yaml (via forks of the official repo): steps
         # 1000, 800, 600, 400, 200 warped, timestep_shift 5.0, num_frame_per_block 3; README runs --use_ema.
         # Its cache attends over 21 frames and keeps the first block (3 frames) as an attention sink.
-        # Uncertain: the reference re-rotates the sink's keys to sit just before the window; our KVCache keeps
-        # sinks at their own positions.
+        # The reference re-rotates the sink's keys to sit just before the window (sinks_follow_window). Uncertain:
+        # whether it places them exactly adjacent to the oldest window frame, as our KVCache does.
         Family(
             name="rolling-forcing",
             source="https://huggingface.co/TencentARC/RollingForcing (checkpoints/rolling_forcing_dmd.pt; "
@@ -232,6 +234,7 @@ FAMILIES: dict[str, Family] = {
             chunk_frames=3,
             window_frames=21,
             sink_frames=3,
+            sinks_follow_window=True,
             switch_policy=SwitchPolicy.KEEP,  # single-prompt reference; KEEP is our choice
             notes="runs with the standard chunk sampler; the rolling joint-denoising window is not implemented yet",
         ),

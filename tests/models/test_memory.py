@@ -110,3 +110,27 @@ def test_block_causal_mask_follows_chunks_window_and_sinks() -> None:
     assert visible[0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0]
     assert visible[4].tolist() == [1, 1, 1, 1, 1, 1, 0, 0, 0]
     assert visible[8].tolist() == [1, 0, 0, 0, 1, 1, 1, 1, 1]  # sink + newest 5 frames up to the chunk's end
+
+
+def test_sinks_follow_the_window_from_their_original_rotation() -> None:
+    from framecast.models.rope import Rope, rotate
+
+    memory = cache(sinks_follow_window=True)
+    generator = torch.Generator().manual_seed(0)
+    sink_keys = None
+    for chunk in range(6):  # frames 0..17; the window evicts from chunk 3 on
+        memory.begin_chunk(3)
+        k = torch.randn(1, 6, TINY.num_heads, TINY.head_dim, dtype=torch.float64, generator=generator)
+        for layer in range(TINY.num_layers):
+            memory.attend(layer, k, k, k)
+        memory.commit()
+        if chunk == 0:
+            sink_keys = k.clone()
+    memory.begin_chunk(3)  # frames 18..20: the ring keeps frames 15..20, so the sinks sit at positions 12..14
+    shift = memory.rope_positions()[0] - 3 - 3
+    cos, sin = Rope(TINY).frame_shift(shift, torch.float64, torch.device("cpu"))
+    pairs = 2 * TINY.rope_split[0]
+    expected = sink_keys.clone()
+    expected[..., :pairs] = rotate(sink_keys[..., :pairs], cos, sin)
+    torch.testing.assert_close(memory.keys[0][:, :6], expected, rtol=0, atol=1e-12)
+    assert shift == 12

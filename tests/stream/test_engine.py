@@ -206,3 +206,14 @@ def test_fewer_steps_per_chunk_follow_the_sub_schedule() -> None:
         fewer.next_chunk(steps=(750,))
     with pytest.raises(ConfigError, match="sub-list"):
         fewer.next_chunk(steps=(1000, 600))
+
+
+def test_sinks_following_the_window_change_only_what_comes_after_eviction() -> None:
+    plain = tiny_engine(window_frames=9, sink_frames=3)
+    following = tiny_engine(window_frames=9, sink_frames=3, sinks_follow_window=True)
+    a = [c.latents for c in itertools.islice(plain.chunks(), 12)]
+    b = [c.latents for c in itertools.islice(following.chunks(), 12)]
+    for index in range(3):  # frames 0..8 fit the window: nothing moves yet
+        torch.testing.assert_close(a[index], b[index], rtol=0, atol=0)
+    assert not torch.allclose(a[3], b[3])  # frames 9..11: the sinks now sit right before the window
+    assert all(torch.isfinite(chunk).all() for chunk in b)
