@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import math
 import sys
@@ -47,6 +46,8 @@ def add_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--decoder", choices=["preview", "wan-vae", "taehv"], default="preview",
                    help="latent decoder: the preview (no weights), the Wan VAE or TAEHV (needs --decoder-weights)")
     p.add_argument("--decoder-weights", type=Path, help="Wan2.1_VAE.pth or taew2_1.pth")
+    p.add_argument("--input", type=Path, help="input video for video-to-video (needs --decoder wan-vae); start the "
+                   "step list below 1000 to keep its structure, e.g. --steps 700,500")
     p.add_argument("--frames", type=int, default=33, help="video frames to write (default 33)")
     p.add_argument("-o", "--output", type=Path, help="video file to write (mp4)")
     p.add_argument("--latents-out", type=Path, help="also save the latents [B, F, C, H, W] (.safetensors)")
@@ -126,6 +127,20 @@ def build_decoder(args: argparse.Namespace, latent_channels: int, dtype: torch.d
     return TAEHVDecoder(load_taehv(args.decoder_weights, dtype=decoder_dtype).to(device))
 
 
+def video_source(args: argparse.Namespace, decoder: object, chunk_frames: int):
+    """Latent chunks of the --input video (encoded by the Wan VAE whose weights --decoder-weights names), or None."""
+    if not args.input:
+        return None
+    if args.decoder != "wan-vae":
+        raise ConfigError("--input needs --decoder wan-vae: its encoder turns the input frames into latents")
+    from framecast.models.vae import WanVAEEncodeStream, load_wan_vae
+    from framecast.stream.sources import LatentSource, video_file_frames
+
+    vae = load_wan_vae(args.decoder_weights, encoder=True, dtype=torch.float32)
+    frames = video_file_frames(args.input, args.width, args.height)
+    return iter(LatentSource(WanVAEEncodeStream(vae), frames, chunk_frames))
+
+
 def encode_prompt(args: argparse.Namespace, dit: CausalWanDiT, device: torch.device) -> torch.Tensor:
     """The prompt embedding: precomputed, from Wan's umT5 encoder, or hashed words (random-weight models only)."""
     config = dit.config
@@ -161,6 +176,7 @@ def run_generate(args: argparse.Namespace) -> None:
     num_chunks = math.ceil(latent_frames / config.chunk_frames)
     engine = StreamEngine(dit, config, prompt.to(device, dtype))
     decoder = build_decoder(args, dit.config.out_dim, dtype, device)
+    sources = video_source(args, decoder, config.chunk_frames)
     sink = None
     if args.output:
         from framecast.stream.sinks.file import VideoFileSink
@@ -169,7 +185,12 @@ def run_generate(args: argparse.Namespace) -> None:
     latents, written, start = [], 0, time.perf_counter()
     try:
         with tqdm(total=num_chunks, unit="chunk", desc="generating", disable=None) as progress:
-            for chunk in itertools.islice(engine.chunks(), num_chunks):
+            for _ in range(num_chunks):
+                source = next(sources, None) if sources is not None else None
+                if sources is not None and source is None:
+                    log.warning("the input video ended; the stream ends with it")
+                    break
+                chunk = engine.next_chunk(source=source)
                 if args.latents_out:
                     latents.append(chunk.latents.float().cpu())
                 if sink:

@@ -251,13 +251,22 @@ class StreamEngine:
 
     # the hot path
     @torch.inference_mode()
-    def step(self, steps: Sequence[int] | None = None) -> Tensor:
-        """Generate the next chunk's clean latents [B, chunk_frames, C, H, W] and commit them to memory."""
+    def step(self, steps: Sequence[int] | None = None, source: Tensor | None = None) -> Tensor:
+        """Generate the next chunk's clean latents [B, chunk_frames, C, H, W] and commit them to memory.
+
+        `source`: clean latents of input video for this chunk (video-to-video, as StreamDiffusionV2): they are noised
+        to the first step's sigma instead of starting from pure noise, so a step list that starts below 1000 keeps
+        their structure. Raises ShapeError when `source` is not [B, chunk_frames, C, H, W].
+        """
         config, dit = self.config, self.dit
         schedule = self.steps if steps is None else self.steps_for(steps)
+        if source is not None and tuple(source.shape) != self.chunk_shape:
+            raise ShapeError(f"source latents have shape {tuple(source.shape)}; expected {list(self.chunk_shape)}")
         self.memory.begin_chunk(config.chunk_frames)
         with self.timer.measure("denoise"):
             noise = self.noise.draw(self.chunk_shape, dit.dtype, dit.device)
+            if source is not None:
+                noise = renoise(source.to(dit.device, dit.dtype), noise, schedule[0].sigma)
             latents = denoise(dit, noise, self._text, self.memory, schedule, self.noise, self._actions)
         with self.timer.measure("context"):
             context = latents
@@ -269,12 +278,13 @@ class StreamEngine:
         return latents
 
     @torch.inference_mode()
-    def next_chunk(self, steps: Sequence[int] | None = None) -> LatentChunk:
-        """Apply pending controls and generate one chunk (optionally with fewer steps); chunks() is this, forever."""
+    def next_chunk(self, steps: Sequence[int] | None = None, source: Tensor | None = None) -> LatentChunk:
+        """Apply pending controls and generate one chunk (optionally with fewer steps, optionally from source
+        latents: see `step`); chunks() is this, forever."""
         start = time.perf_counter()
         self._apply_controls()
         first_frame = self.memory.committed_frames
-        latents = self.step(steps)
+        latents = self.step(steps, source)
         used = tuple(steps) if steps is not None else self.config.denoising_steps
         chunk = LatentChunk(self.chunk_index, first_frame, latents, time.perf_counter() - start, self.timer.take(), used)
         self.chunk_index += 1

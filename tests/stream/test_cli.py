@@ -91,3 +91,8 @@ def test_family_errors_name_what_is_missing(tmp_path, capsys) -> None:
     assert "self_forcing_dmd.pt" in error and "gdhe17/Self-Forcing" in error
     assert main(["generate", "--family", "self-forcng", "--weights", str(tmp_path), "-o", str(tmp_path / "x.mp4")]) == 2
     assert "did you mean self-forcing" in capsys.readouterr().err
+
+
+def test_video_input_needs_the_wan_vae(tmp_path, capsys) -> None:
+    assert main(["generate", "--input", str(tmp_path / "in.mp4"), "-o", str(tmp_path / "x.mp4")]) == 2
+    assert "--input needs --decoder wan-vae" in capsys.readouterr().err

@@ -217,3 +217,20 @@ def test_sinks_following_the_window_change_only_what_comes_after_eviction() -> N
         torch.testing.assert_close(a[index], b[index], rtol=0, atol=0)
     assert not torch.allclose(a[3], b[3])  # frames 9..11: the sinks now sit right before the window
     assert all(torch.isfinite(chunk).all() for chunk in b)
+
+
+def test_video_to_video_starts_from_noised_source_latents() -> None:
+    engine = tiny_engine(denoising_steps=(700, 400))
+    calls = []
+    engine.dit.register_forward_hook(lambda module, args, out: calls.append(args[0].clone()))
+    source = torch.randn(engine.chunk_shape, dtype=torch.float64)
+    generator_state = engine.noise.generator.get_state()
+    engine.next_chunk(source=source)
+    engine.noise.generator.set_state(generator_state)
+    noise = engine.noise.draw(engine.chunk_shape, torch.float64, torch.device("cpu"))
+    sigma = engine.steps[0].sigma
+    assert 0 < sigma < 1
+    keep = float(torch.tensor(1.0) - torch.tensor(sigma))
+    torch.testing.assert_close(calls[0], keep * source + sigma * noise, rtol=0, atol=1e-12)
+    with pytest.raises(ShapeError, match="source latents have shape"):
+        engine.next_chunk(source=source[:, :1])

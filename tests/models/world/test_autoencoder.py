@@ -1,0 +1,176 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from framecast.models.errors import CheckpointError, ConfigError, ShapeError
+from framecast.models.world.autoencoder import (
+    PRESETS, WorldAutoencoder, WorldAutoencoderConfig, WorldDecoder, frames_to_tensor, load_autoencoder, preset,
+    save_autoencoder, tensor_to_frames,
+)
+from framecast.models.world.episodes import make_episode
+from framecast.models.world.train_autoencoder import TrainSettings, evaluate, reconstruction_loss, train_autoencoder
+
+SHIPPED = Path(__file__).parents[3] / "models" / "world" / "weights" / "world_autoencoder.safetensors"
+SHIPPED_PSNR_MIN_DB = 30.0  # measured on held-out episodes (see weights/autoencoder_report.md) minus a margin
+
+
+def tiny_model(dtype=torch.float64) -> WorldAutoencoder:
+    torch.manual_seed(0)
+    return WorldAutoencoder(preset("tiny")).to(dtype).eval()
+
+
+def test_default_config_matches_the_dit() -> None:
+    config = WorldAutoencoderConfig()
+    assert (config.latent_channels, config.latent_size, config.spatial_downscale, config.frames_per_latent) == (
+        16, 16, 8, 1)
+    assert sum(p.numel() for p in WorldAutoencoder(config).parameters()) < 1_000_000
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(image_size=100), "image_size=100 must be a positive multiple of spatial_downscale=8"),
+        (dict(latent_channels=0), "latent_channels=0"),
+        (dict(encoder_widths=(8, 8)), "encoder_widths=\\(8, 8\\) must be three positive integers"),
+        (dict(decoder_widths=(8, -1, 8)), "decoder_widths"),
+    ],
+)
+def test_config_errors(kwargs, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        WorldAutoencoderConfig(**kwargs)
+
+
+def test_unknown_preset_lists_presets() -> None:
+    with pytest.raises(ConfigError, match="presets: " + ", ".join(PRESETS)):
+        preset("huge")
+
+
+def test_decoder_refuses_float16() -> None:
+    with pytest.raises(ConfigError, match="float16"):
+        WorldDecoder(tiny_model(), dtype=torch.float16)
+
+
+def test_shapes() -> None:
+    model = tiny_model(torch.float32)
+    frames = frames_to_tensor(make_episode(1, 3).frames)[None]  # (1, 3, 3, 128, 128)
+    latents = model.encode(frames)
+    assert latents.shape == (1, 3, 16, 16, 16)
+    video = WorldDecoder(model).decode(latents)
+    assert video.shape == (1, 3, 128, 128, 3) and video.dtype == torch.uint8
+
+
+def test_bad_latents_raise_shape_error() -> None:
+    decoder = WorldDecoder(tiny_model())
+    with pytest.raises(ShapeError, match=r"expected \[B, F, 16, 16, 16\]"):
+        decoder.decode(torch.zeros(1, 2, 8, 16, 16))
+    decoder.decode(torch.zeros(1, 1, 16, 16, 16))
+    with pytest.raises(ShapeError, match="this stream has batch 1"):
+        decoder.decode(torch.zeros(2, 1, 16, 16, 16))
+
+
+@pytest.mark.parametrize("chunks", [(1,) * 7, (2, 3, 2), (4, 3), (1, 6)])
+def test_streaming_equals_one_shot(chunks) -> None:
+    model = tiny_model()
+    latents = torch.randn(2, 7, 16, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    one_shot, _ = model.decode(latents)
+    decoder = WorldDecoder(model, dtype=torch.float64)
+    pieces, start = [], 0
+    for size in chunks:
+        pieces.append(decoder.decode(latents[:, start : start + size]))
+        start += size
+    streamed = torch.cat(pieces, dim=1)
+    assert torch.equal(streamed, tensor_to_frames(one_shot))
+    past, floats = None, []  # the float output too, before rounding to uint8
+    for index in range(latents.shape[1]):
+        video, past = model.decode(latents[:, index : index + 1], past)
+        floats.append(video)
+    torch.testing.assert_close(torch.cat(floats, dim=1), one_shot, rtol=0, atol=1e-12)
+
+
+def test_reset_starts_a_new_stream() -> None:
+    decoder = WorldDecoder(tiny_model())
+    latents = torch.randn(1, 2, 16, 16, 16, dtype=torch.float64)
+    first = decoder.decode(latents)
+    decoder.decode(latents)
+    decoder.reset()
+    assert torch.equal(decoder.decode(latents), first)
+
+
+def test_the_temporal_layer_uses_the_previous_frame() -> None:
+    model = tiny_model()
+    latents = torch.randn(1, 2, 16, 16, 16, dtype=torch.float64)
+    alone, _ = model.decode(latents[:, 1:])
+    after_first, _ = model.decode(latents)
+    assert not torch.allclose(alone[:, 0], after_first[:, 1])
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    model = tiny_model(torch.float32)
+    model.latent_std.fill_(2.0)
+    save_autoencoder(model, tmp_path / "ae.safetensors")
+    loaded = load_autoencoder(tmp_path / "ae.safetensors")
+    assert loaded.config == model.config
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_load_reports_bad_files(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="no 'config'"):
+        load_autoencoder(tmp_path / "other.safetensors")
+    model = tiny_model(torch.float32)
+    save_autoencoder(model, tmp_path / "ae.safetensors")
+    state = {k: v for k, v in model.state_dict().items() if k != "latent_mean"}
+    state["decoder.stem.0.weight"] = torch.zeros(1)
+    metadata = {"config": '{"latent_channels": 16, "image_size": 128, "encoder_widths": [8, 8, 8], '
+                          '"decoder_widths": [8, 8, 8]}'}
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    with pytest.raises(CheckpointError, match=r"missing 'latent_mean'.*'decoder.stem.0.weight' has shape \(1,\)"):
+        load_autoencoder(tmp_path / "bad.safetensors")
+
+
+def test_edge_term_charges_a_lost_thin_line() -> None:
+    target = torch.zeros(1, 3, 16, 16)
+    target[..., 8, :] = 1.0  # a 1-px line
+    blurred = torch.zeros_like(target)
+    blurred[..., 7:10, :] = 1 / 3
+    plain, edged = reconstruction_loss(blurred, target, 0.0), reconstruction_loss(blurred, target, 1.0)
+    assert edged > 2 * plain
+
+
+def test_training_smoke_loss_falls_and_resumes(tmp_path) -> None:
+    torch.set_num_threads(2)
+    settings = TrainSettings(learning_rate=3e-3, checkpoint_every_s=0.0)
+    _, losses = train_autoencoder(preset("tiny"), 12, 2, seed=0, out_dir=tmp_path, settings=settings, progress=False)
+    assert len(losses) == 12
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+    for name in ("autoencoder.safetensors", "state.json", "optimizer.pt"):
+        assert (tmp_path / name).exists()
+    model, resumed = train_autoencoder(preset("tiny"), 14, 2, seed=0, out_dir=tmp_path, settings=settings,
+                                       progress=False)
+    assert len(resumed) == 14 and resumed[:12] == losses
+    assert model.latent_std.min() > 0
+    with pytest.raises(ConfigError, match="steps=0"):
+        train_autoencoder(preset("tiny"), 0, 2, seed=0, out_dir=tmp_path)
+
+
+def test_evaluate_reports_psnr_and_reader_accuracy() -> None:
+    report = evaluate(tiny_model(torch.float32), episodes=1, frames=2)
+    assert report["frames"] == 2 and np.isfinite(report["psnr_db"])
+    assert set(report["reader_accuracy"]) >= {"terrain", "weather", "time", "shape", "colour", "scene"}
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="no shipped world autoencoder weights")
+def test_shipped_weights_reconstruct_a_rendered_frame() -> None:
+    model = load_autoencoder(SHIPPED)
+    episode = make_episode(123_456_789, 4, switch_every=2)  # a seed far from the training draws' typical range
+    frames = frames_to_tensor(episode.frames)[None]
+    latents = model.encode(frames)
+    assert 0.5 < latents.std().item() < 2.0  # normalised: roughly unit scale
+    video = WorldDecoder(model).decode(latents)[0].numpy().astype(np.float64)
+    mse = ((video - episode.frames) ** 2).mean()
+    assert 10 * np.log10(255**2 / mse) > SHIPPED_PSNR_MIN_DB
