@@ -259,12 +259,61 @@ def run_bench(args: argparse.Namespace) -> None:
         args.json.write_text(json.dumps(metrics.to_json(), indent=2))
 
 
+def add_serve(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("serve", help="stream live to browsers and programs (websocket, /metrics)")
+    p.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)} (default tiny)")
+    p.add_argument("--weights", type=Path, help="checkpoint (.pt/.pth of the causal-Wan families, or .safetensors)")
+    p.add_argument("--family", help="a causal-Wan family preset; --weights is its file or folder")
+    p.add_argument("--prompt", default="a quiet lake at dawn", help="the first prompt (clients switch it live)")
+    p.add_argument("--decoder", choices=["preview", "wan-vae", "taehv"], default="preview",
+                   help="latent decoder: the preview (no weights), the Wan VAE or TAEHV (needs --decoder-weights)")
+    p.add_argument("--decoder-weights", type=Path, help="Wan2.1_VAE.pth or taew2_1.pth")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--token", help="steering token (default: a random one, printed with the URL)")
+    p.add_argument("--allow-origin", action="append", help="browser origin allowed on /ws (repeatable; default: "
+                   "the server's own address)")
+    p.add_argument("--max-message-bytes", type=int, default=4096, help="largest control message (default 4096)")
+    p.add_argument("--fps", type=int, default=16, help="video frame rate (default 16, Wan's)")
+    p.add_argument("--latency-budget", type=float, default=1.0, help="seconds from a frame's media time to its send")
+    p.add_argument("--height", type=int, default=128, help="frame height in pixels (multiple of 16)")
+    p.add_argument("--width", type=int, default=128, help="frame width in pixels (multiple of 16)")
+    add_stream_flags(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from framecast.stream.server import run_server
+    from framecast.stream.session import Session, SessionConfig
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ConfigError("--dtype float16 on the CPU is ~50x slower than bfloat16; use bfloat16 or float32")
+    if args.height % (2 * VAE_SPATIAL) or args.width % (2 * VAE_SPATIAL):
+        raise ConfigError(f"--height/--width {args.height}x{args.width} must be multiples of {2 * VAE_SPATIAL}")
+    dit = build_model(args, dtype, device).eval()
+    text = HashedTextEncoder(dit.config.text_dim, dit.config.text_len)
+    if args.weights:
+        log.warning("prompts are hashed, not encoded: live umT5 prompts for real checkpoints come in a later slice")
+    config = engine_config(args, args.height // VAE_SPATIAL, args.width // VAE_SPATIAL)
+    engine = StreamEngine(dit, config, text.encode(args.prompt).to(device, dtype))
+    decoder = build_decoder(args, dit.config.out_dim, dtype, device)
+    session = Session(engine, decoder, text.encode,
+                      SessionConfig(fps=args.fps, latency_budget_s=args.latency_budget), token=args.token)
+    run_server(session, args.host, args.port, allowed_origins=args.allow_origin,
+               max_message_bytes=args.max_message_bytes)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="framecast", description="Real-time streaming video generation")
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate(commands)
     add_bench(commands)
+    add_serve(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

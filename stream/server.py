@@ -1,0 +1,140 @@
+"""The live server: one process, one session, many clients (aiohttp).
+
+    GET /          the page in web/ (index.html); GET /web/<file> the rest of web/
+    GET /ws        websocket for programs: ?format=jpeg|rgb (default jpeg), ?token=<token> to steer
+                   binary frames and JSON events down, JSON controls up (stream/control.py, stream/sinks/websocket.py)
+    GET /metrics   Prometheus text: the session's StreamMetrics plus viewer counts and per-viewer drops
+
+Binds 127.0.0.1 by default. A browser's websocket must come from an allowed origin (default: this server's own
+address); programs send no Origin header and are let in. Watching needs no token; steering does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from aiohttp import web
+
+from framecast.models.errors import ConfigError
+from framecast.stream.control import DEFAULT_MAX_BYTES
+from framecast.stream.metrics import PROMETHEUS_CONTENT_TYPE
+from framecast.stream.session import Session
+from framecast.stream.sinks.websocket import FrameFormat, WebSocketViewer
+
+log = logging.getLogger("framecast.server")
+
+WEB_ROOT = Path(__file__).resolve().parents[1] / "web"
+HARD_MESSAGE_FACTOR = 16  # messages up to this many times the control limit get an error reply; larger ones close
+SESSION_KEY = web.AppKey("session", Session)
+
+
+def _relay_metrics(session: Session) -> str:
+    lines = [
+        "# HELP framecast_viewers Viewers connected now.",
+        "# TYPE framecast_viewers gauge",
+        f"framecast_viewers {session.frames.viewers}",
+        "# HELP framecast_viewer_frames_dropped_total Frames viewers skipped because they read too slowly.",
+        "# TYPE framecast_viewer_frames_dropped_total counter",
+        f"framecast_viewer_frames_dropped_total {session.frames.dropped_total}",
+        "# HELP framecast_controls_total Controls acknowledged, by outcome.",
+        "# TYPE framecast_controls_total counter",
+        f'framecast_controls_total{{outcome="applied"}} {session.controls_applied}',
+        f'framecast_controls_total{{outcome="superseded"}} {session.controls_superseded}',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def create_app(
+    session: Session,
+    *,
+    allowed_origins: Iterable[str] | None = None,
+    max_message_bytes: int = DEFAULT_MAX_BYTES,
+    web_root: Path = WEB_ROOT,
+) -> web.Application:
+    """The aiohttp application serving `session`; it starts the session on startup and closes it on cleanup.
+
+    `allowed_origins`: browser origins allowed on /ws (default: the origin the request was addressed to).
+
+    Raises:
+        ConfigError: max_message_bytes < 64.
+    """
+    if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes < 64:
+        raise ConfigError(f"max_message_bytes={max_message_bytes!r} must be an integer >= 64")
+    origins = None if allowed_origins is None else frozenset(allowed_origins)
+    app = web.Application()
+    app[SESSION_KEY] = session
+
+    async def index(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(web_root / "index.html")
+
+    async def metrics(request: web.Request) -> web.Response:
+        text = session.metrics.to_prometheus() + _relay_metrics(session)
+        return web.Response(body=text.encode(), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+
+    async def websocket(request: web.Request) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        allowed = origins if origins is not None else {f"{request.scheme}://{request.host}"}
+        if origin is not None and origin not in allowed:
+            raise web.HTTPForbidden(text=f"origin {origin!r} is not allowed")
+        name = request.query.get("format", FrameFormat.JPEG.value)
+        try:
+            frame_format = FrameFormat(name)
+        except ValueError:
+            raise web.HTTPBadRequest(text=f"format={name!r} must be one of {[f.value for f in FrameFormat]}") from None
+        ws = web.WebSocketResponse(max_msg_size=HARD_MESSAGE_FACTOR * max_message_bytes, heartbeat=20.0)
+        await ws.prepare(request)
+        viewer = WebSocketViewer(ws, session, format=frame_format, token=request.query.get("token"),
+                                 max_message_bytes=max_message_bytes, peer=str(request.remote))
+        await viewer.serve()
+        return ws
+
+    async def start(app: web.Application) -> None:
+        session.start()
+
+    async def stop(app: web.Application) -> None:
+        await asyncio.to_thread(session.close)
+
+    async def close_sockets(app: web.Application) -> None:
+        session.frames.close()  # viewers' mailboxes end, so their handlers return before cleanup waits on them
+        session.events.close()
+
+    app.router.add_get("/", index)
+    app.router.add_get("/ws", websocket)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_static("/web/", web_root)
+    app.on_startup.append(start)
+    app.on_shutdown.append(close_sockets)
+    app.on_cleanup.append(stop)
+    return app
+
+
+def viewer_url(host: str, port: int, token: str | None = None) -> str:
+    """The page's address (with the steering token when given)."""
+    return f"http://{host}:{port}/" + (f"?token={token}" if token else "")
+
+
+async def serve(session: Session, host: str = "127.0.0.1", port: int = 8000, *,
+                announce: Callable[[str], None] = print, **app_options) -> None:
+    """Serve until cancelled; prints the URL with the token (anyone with it can steer)."""
+    runner = web.AppRunner(create_app(session, **app_options))
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound_port = runner.addresses[0][1] if port == 0 else port
+        announce(f"framecast: streaming at {viewer_url(host, bound_port, session.token)}")
+        announce(f"framecast: programs: ws://{host}:{bound_port}/ws?format=jpeg&token={session.token}")
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def run_server(session: Session, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+    """Blocking: serve `session` until Ctrl-C."""
+    try:
+        asyncio.run(serve(session, host, port, **options))
+    except KeyboardInterrupt:
+        pass
