@@ -70,7 +70,7 @@ class WorldAutoencoderConfig:
 
 
 PRESETS: dict[str, WorldAutoencoderConfig] = {
-    "world-128": WorldAutoencoderConfig(),  # 0.47 M parameters
+    "world-128": WorldAutoencoderConfig(),  # 0.44 M parameters (decoder 0.21 M)
     "tiny": WorldAutoencoderConfig(encoder_widths=(8, 8, 8), decoder_widths=(8, 8, 8)),
 }
 
@@ -89,10 +89,10 @@ def _conv3x3(channels_in: int, channels_out: int, stride: int = 1) -> nn.Conv2d:
 class ResBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Sequential(_conv3x3(channels, channels), nn.ReLU(), _conv3x3(channels, channels))
+        self.conv = nn.Sequential(_conv3x3(channels, channels), nn.SiLU(), _conv3x3(channels, channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.conv(x) + x)
+        return F.silu(self.conv(x) + x)
 
 
 class MemBlock(nn.Module):
@@ -100,10 +100,10 @@ class MemBlock(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Sequential(_conv3x3(2 * channels, channels), nn.ReLU(), _conv3x3(channels, channels))
+        self.conv = nn.Sequential(_conv3x3(2 * channels, channels), nn.SiLU(), _conv3x3(channels, channels))
 
     def forward(self, x: Tensor, past: Tensor) -> Tensor:
-        return F.relu(self.conv(torch.cat([x, past], dim=1)) + x)
+        return F.silu(self.conv(torch.cat([x, past], dim=1)) + x)
 
 
 class Encoder(nn.Module):
@@ -114,9 +114,9 @@ class Encoder(nn.Module):
         w0, w1, w2 = config.encoder_widths
         self.layers = nn.Sequential(
             nn.PixelUnshuffle(PIXEL_SHUFFLE),  # (N, 12, S/2, S/2): no conv at full resolution
-            _conv3x3(IMAGE_CHANNELS * PIXEL_SHUFFLE**2, w0), nn.ReLU(), ResBlock(w0),
-            _conv3x3(w0, w1, stride=2), nn.ReLU(), ResBlock(w1),
-            _conv3x3(w1, w2, stride=2), nn.ReLU(), ResBlock(w2),
+            _conv3x3(IMAGE_CHANNELS * PIXEL_SHUFFLE**2, w0), nn.SiLU(), ResBlock(w0),
+            _conv3x3(w0, w1, stride=2), nn.SiLU(), ResBlock(w1),
+            _conv3x3(w1, w2, stride=2), nn.SiLU(), ResBlock(w2),
             _conv3x3(w2, config.latent_channels),
         )
 
@@ -130,11 +130,11 @@ class Decoder(nn.Module):
     def __init__(self, config: WorldAutoencoderConfig) -> None:
         super().__init__()
         d0, d1, d2 = config.decoder_widths
-        self.stem = nn.Sequential(_conv3x3(config.latent_channels, d0), nn.ReLU())
+        self.stem = nn.Sequential(_conv3x3(config.latent_channels, d0), nn.SiLU())
         self.memory = MemBlock(d0)
         self.up = nn.Sequential(
-            nn.Upsample(scale_factor=2, mode="nearest"), _conv3x3(d0, d1), nn.ReLU(), ResBlock(d1),
-            nn.Upsample(scale_factor=2, mode="nearest"), _conv3x3(d1, d2), nn.ReLU(),
+            nn.Upsample(scale_factor=2, mode="nearest"), _conv3x3(d0, d1), nn.SiLU(), ResBlock(d1),
+            nn.Upsample(scale_factor=2, mode="nearest"), _conv3x3(d1, d2), nn.SiLU(),
             _conv3x3(d2, IMAGE_CHANNELS * PIXEL_SHUFFLE**2), nn.PixelShuffle(PIXEL_SHUFFLE),
         )
 
@@ -160,6 +160,18 @@ class WorldAutoencoder(nn.Module):
         self.decoder = Decoder(config)
         self.register_buffer("latent_mean", torch.zeros(config.latent_channels))
         self.register_buffer("latent_std", torch.ones(config.latent_channels))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # PyTorch's default conv init shrinks activations ~3x per layer; with no norm layers that stalls training
+        # (grey, colourless reconstructions), so use He init, and start every residual branch at zero (identity)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, (ResBlock, MemBlock)):
+                nn.init.zeros_(module.conv[-1].weight)
 
     def check_frames(self, frames: Tensor) -> None:
         size = self.config.image_size

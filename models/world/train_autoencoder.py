@@ -14,9 +14,11 @@ the clip, so every terrain, weather, time of day and agent appears, and the deco
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
+import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from torch.nn import functional as F
 
 from framecast.models.errors import ConfigError
 from framecast.models.world.autoencoder import (
-    WorldAutoencoder, WorldAutoencoderConfig, frames_to_tensor, load_autoencoder, preset, save_autoencoder,
+    WorldAutoencoder, WorldAutoencoderConfig, WorldDecoder, frames_to_tensor, load_autoencoder, preset, save_autoencoder,
     tensor_to_frames,
 )
 from framecast.models.world.episodes import make_episode
@@ -42,7 +44,7 @@ WEIGHTS_FILE, STATE_FILE, OPTIMIZER_FILE = "autoencoder.safetensors", "state.jso
 
 @dataclass(frozen=True)
 class TrainSettings:
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     edge_weight: float = 1.0
     checkpoint_every_s: float = 180.0
     switch_every_choices: tuple[int | None, ...] = (None, 1, 2, 3)  # per clip; 1 means a new prompt every frame
@@ -97,10 +99,14 @@ def train_autoencoder(
     device: str | torch.device = "cpu",
     settings: TrainSettings = TrainSettings(),
     progress: bool = True,
+    stats_clips: int = 64,
+    max_seconds: float | None = None,
 ) -> tuple[WorldAutoencoder, list[float]]:
     """Train for `steps` steps in total (a resumed run continues from its saved step) on `batch` clips of
     CLIP_FRAMES frames; checkpoint to `out_dir` every `settings.checkpoint_every_s` and at the end. The learning rate
-    follows a cosine from `settings.learning_rate` to 5% of it over `steps`. Latent statistics are measured at the end.
+    follows a cosine from `settings.learning_rate` to 5% of it over `steps`, or over `max_seconds` of training time
+    when that is given and comes first (then training stops there). Latent statistics are measured at the end
+    on `stats_clips` fresh clips.
 
     Returns the model (eval mode, on the CPU) and the loss of every step, resumed ones included.
 
@@ -126,8 +132,11 @@ def train_autoencoder(
     started, last_save = time.monotonic() - state["elapsed_s"], time.monotonic()
     bar = tqdm(range(state["step"], steps), initial=state["step"], total=steps, disable=not progress, unit="step")
     for step in bar:
+        progress_share = max(step / steps, state["elapsed_s"] / max_seconds if max_seconds else 0.0)
+        if progress_share >= 1:
+            break
         for group in optimizer.param_groups:
-            group["lr"] = settings.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            group["lr"] = settings.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress_share)))
         target = frames_to_tensor(sample_clips(rng, batch, settings, world)).to(device)  # (B, T, 3, H, W)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=settings.bfloat16_autocast):
             video, _ = model(target)
@@ -142,7 +151,7 @@ def train_autoencoder(
             _save_checkpoint(out_dir, model, optimizer, state)
             last_save = time.monotonic()
     model = model.cpu().eval()
-    measure_latent_stats(model, seed=seed)
+    measure_latent_stats(model, seed=seed, clips=stats_clips)
     _save_checkpoint(out_dir, model, optimizer, state)
     return model, state["losses"]
 
@@ -225,6 +234,71 @@ def plot_losses(losses: list[float], path: str | os.PathLike) -> None:
     plt.close(figure)
 
 
+@torch.inference_mode()
+def decode_frames_per_s(model: WorldAutoencoder, dtype: torch.dtype, chunk_frames: int = 4, chunks: int = 12) -> float:
+    """Video frames per second of `WorldDecoder` streaming random latents in chunks (uint8 output included)."""
+    decoder = WorldDecoder(copy.deepcopy(model), dtype)
+    size = model.config.latent_size
+    latents = torch.randn(1, chunk_frames, model.config.latent_channels, size, size)
+    for _ in range(3):  # warm-up: oneDNN picks its kernels on the first calls
+        decoder.decode(latents)
+    started = time.perf_counter()
+    for _ in range(chunks):
+        decoder.decode(latents)
+    return chunks * chunk_frames * model.config.frames_per_latent / (time.perf_counter() - started)
+
+
+def ship(run_dir: str | os.PathLike, weights_dir: str | os.PathLike) -> dict:
+    """Evaluate a finished run, benchmark its decoder, and write the weights, loss plot and report to `weights_dir`."""
+    run_dir, weights_dir = Path(run_dir), Path(weights_dir)
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    state = json.loads((run_dir / STATE_FILE).read_text())
+    model = load_autoencoder(run_dir / WEIGHTS_FILE)
+    save_autoencoder(model, weights_dir / "world_autoencoder.safetensors")
+    plot_losses(state["losses"], weights_dir / "autoencoder_loss.png")
+    report = evaluate(model)
+    speeds = {str(dtype).removeprefix("torch."): decode_frames_per_s(model, dtype)
+              for dtype in (torch.float32, torch.bfloat16)}
+    summary = {"eval": report, "decode_frames_per_s": speeds, "steps": state["step"], "batch_clips": state["batch"],
+               "clip_frames": CLIP_FRAMES, "train_time_s": state["elapsed_s"], "threads": torch.get_num_threads(),
+               "parameters": sum(p.numel() for p in model.parameters()),
+               "decoder_parameters": sum(p.numel() for p in model.decoder.parameters()),
+               "config": asdict(model.config), "machine": f"{platform.processor() or platform.machine()}, "
+               f"{os.cpu_count()} cores, torch {torch.__version__}"}
+    (weights_dir / "autoencoder_eval.json").write_text(json.dumps(summary, indent=1))
+    (weights_dir / "autoencoder_report.md").write_text(_report_markdown(summary))
+    return summary
+
+
+def _report_markdown(summary: dict) -> str:
+    report, speeds = summary["eval"], summary["decode_frames_per_s"]
+    accuracy = ", ".join(f"{key} {100 * value:.1f}%" for key, value in report["reader_accuracy"].items())
+    return "\n".join([
+        "# World autoencoder: results",
+        "",
+        f"Config: `{summary['config']}`; {summary['parameters']:,} parameters ({summary['decoder_parameters']:,} in the "
+        "decoder). Spatial x8 (128x128x3 -> 16x16x16), 1 video frame per latent frame.",
+        "",
+        f"Training: {summary['steps']} steps of {summary['batch_clips']} clips x {summary['clip_frames']} frames, "
+        f"{summary['train_time_s'] / 60:.1f} min of training on {summary['machine']} (bf16 autocast), "
+        "L1 + 1.0 x L1 of pixel differences. Loss curve: `autoencoder_loss.png`.",
+        "",
+        f"Held-out eval ({report['frames']} frames of episodes with seeds from 1e9, prompt switch every 3 frames): "
+        f"PSNR {report['psnr_db']:.2f} dB mean, {report['psnr_min_db']:.2f} dB worst frame.",
+        "",
+        f"Pixel readers on reconstructions vs on the rendered frames: {accuracy}. Agent position error "
+        f"{report['agent_position_error_px_mean']:.2f} px mean, {report['agent_position_error_px_max']:.2f} px max "
+        "(frames where both find the agent).",
+        "",
+        f"Decode speed (`WorldDecoder`, chunks of 4 latents, uint8 out, {summary['threads']} threads): "
+        + ", ".join(f"{dtype} {fps:.0f} frames/s ({1000 / fps:.2f} ms/frame)" for dtype, fps in speeds.items()) + ".",
+        "",
+        "Reproduce: `python3 -m framecast.models.world.train_autoencoder --steps 8000 --batch 6 --max-minutes 19 "
+        "--out RUN --no-resume`, then `--out RUN --ship models/world/weights`.",
+        "",
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="world-128")
@@ -234,10 +308,16 @@ def main() -> None:
     parser.add_argument("--out", default="runs/world_autoencoder")
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop (learning rate annealed) after this")
+    parser.add_argument("--ship", metavar="WEIGHTS_DIR", help="skip training: evaluate --out and write it here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.ship:
+        print(json.dumps(ship(args.out, args.ship), indent=1))
+        return
     model, losses = train_autoencoder(preset(args.preset), args.steps, args.batch, args.seed, args.out,
-                                      resume=not args.no_resume)
+                                      resume=not args.no_resume,
+                                      max_seconds=args.max_minutes * 60 if args.max_minutes else None)
     plot_losses(losses, Path(args.out) / "loss.png")
     report = evaluate(model)
     (Path(args.out) / "eval.json").write_text(json.dumps(report, indent=1))
