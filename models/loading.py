@@ -23,7 +23,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 import safetensors
@@ -293,21 +293,24 @@ def _preset_of_width(dim: int, source: str) -> DiTConfig:
     return next(iter(heads.values()))
 
 
-def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
-    """Checks that `state` (normalized keys) fits `model` exactly; `model` may live on the meta device.
-
-    `action_embedding.weight` may be missing from a model with actions: released checkpoints have none, and
-    `load_dit` starts the table at zero, which leaves the pretrained model's output unchanged.
+def check_fits(
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    source: str,
+    what: str,
+    *,
+    optional: Collection[str] = (),
+    hint: str = "",
+) -> None:
+    """Checks that `state` fits `model` exactly (`model` may live on the meta device): the one key check every
+    loader (DiT, VAE, TAEHV, umT5) shares. Keys in `optional` may be missing.
 
     Raises:
-        CheckpointError: naming `source`, listing every missing, unexpected and mis-shaped key with its shapes.
+        CheckpointError: naming `source` and `what`, listing every missing, unexpected and mis-shaped key with shapes.
     """
     expected = model.state_dict()
-    optional = {"action_embedding.weight"}
     missing = [
-        f"  missing     {key} {_shape(tensor)}"
-        for key, tensor in expected.items()
-        if key not in state and key not in optional
+        f"  missing     {key} {_shape(tensor)}" for key, tensor in expected.items() if key not in state and key not in optional
     ]
     unexpected = [f"  unexpected  {key} {_shape(tensor)}" for key, tensor in state.items() if key not in expected]
     misshaped = [
@@ -317,13 +320,24 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str)
     ]
     problems = missing + unexpected + misshaped
     if problems:
-        hint = ""
-        if "action_embedding.weight" in state and "action_embedding.weight" not in expected:
-            hint = "\n  (the checkpoint has an action embedding: set config.num_actions)"
         raise CheckpointError(
-            f"{source}: does not fit the DiT ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(misshaped)} mis-shaped):\n" + "\n".join(problems) + hint
+            f"{source}: does not fit the {what} ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(misshaped)} mis-shaped):\n" + "\n".join(problems) + (f"\n  ({hint})" if hint else "")
         )
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    """Checks that `state` (normalized keys) fits the DiT `model` exactly.
+
+    `action_embedding.weight` may be missing from a model with actions: released checkpoints have none, and
+    `load_dit` starts the table at zero, which leaves the pretrained model's output unchanged.
+
+    Raises:
+        CheckpointError: naming `source`, listing every missing, unexpected and mis-shaped key with its shapes.
+    """
+    action = "action_embedding.weight"
+    hint = "the checkpoint has an action embedding: set config.num_actions" if action in state else ""
+    check_fits(model, state, source, "DiT", optional={action}, hint=hint if action not in model.state_dict() else "")
 
 
 def _shape(tensor: Tensor) -> str:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from framecast.models.errors import CheckpointError, ConfigError, ShapeError
+from framecast.models.loading import check_fits
 
 # Indices in `decoder` (the reference's nn.Sequential) of the layers that carry weights, stage by stage.
 _FIRST_CONV = 1
@@ -308,16 +309,7 @@ def _adapt_tgrow_weights(state: Mapping[str, Tensor], config: TAEHVConfig) -> di
 
 def check_state_dict(model: TAEHV, state: Mapping[str, Tensor], source: str = "state dict") -> None:
     """Raises one CheckpointError listing every missing, unexpected and mis-shaped key, or returns None."""
-    expected = model.state_dict()
-    problems = [f"missing {key!r} {tuple(value.shape)}" for key, value in expected.items() if key not in state]
-    problems += [f"unexpected {key!r}" for key in state if key not in expected]
-    problems += [
-        f"{key!r} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state and tuple(state[key].shape) != tuple(value.shape)
-    ]
-    if problems:
-        raise CheckpointError(f"{source}: cannot load into TAEHV {model.config}: " + "; ".join(problems))
+    check_fits(model, state, source, f"TAEHV {model.config}")
 
 
 def load_taehv(source: str | os.PathLike | Mapping[str, Tensor], config: TAEHVConfig | None = None,

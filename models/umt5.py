@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from framecast.models.errors import CheckpointError, ConfigError, MissingDependency, ShapeError
-from framecast.models.loading import read_checkpoint
+from framecast.models.loading import check_fits, read_checkpoint
 
 StateDict = dict[str, Tensor]
 
@@ -262,20 +262,7 @@ def check_umt5_state_dict(model: nn.Module, state: Mapping[str, Tensor], source:
     Raises:
         CheckpointError: naming `source`, listing every missing, unexpected and mis-shaped key with its shapes.
     """
-    expected = model.state_dict()
-    missing = [f"  missing     {key} {list(t.shape)}" for key, t in expected.items() if key not in state]
-    unexpected = [f"  unexpected  {key} {list(t.shape)}" for key, t in state.items() if key not in expected]
-    misshaped = [
-        f"  mis-shaped  {key}: checkpoint {list(t.shape)}, model {list(expected[key].shape)}"
-        for key, t in state.items()
-        if key in expected and t.shape != expected[key].shape
-    ]
-    problems = missing + unexpected + misshaped
-    if problems:
-        raise CheckpointError(
-            f"{source}: does not fit the umT5 encoder ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(misshaped)} mis-shaped):\n" + "\n".join(problems)
-        )
+    check_fits(model, state, source, "umT5 encoder")
 
 
 def load_umt5(

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from framecast.models.errors import CheckpointError, ConfigError, ShapeError
+from framecast.models.loading import check_fits
 
 # Per-channel statistics of Wan2.1 latents (the reference `WanVAE` wrapper's `mean` / `std`); the DiT works on
 # normalised latents (z - mean) / std.
@@ -568,21 +569,7 @@ def check_vae_state(model: WanVAE, state: Mapping[str, Tensor], source: str = "s
     Raises:
         CheckpointError: naming `source`, listing every missing, unexpected and mis-shaped key with its shapes.
     """
-    expected = model.state_dict()
-    missing = [f"  missing     {key} {list(t.shape)}" for key, t in expected.items() if key not in state]
-    unexpected = [f"  unexpected  {key} {list(t.shape)}" for key, t in state.items() if key not in expected]
-    misshaped = [
-        f"  mis-shaped  {key}: checkpoint {list(t.shape)}, model {list(expected[key].shape)}"
-        for key, t in state.items()
-        if key in expected and t.shape != expected[key].shape
-    ]
-    problems = missing + unexpected + misshaped
-    if problems:
-        what = "Wan VAE" if model.has_encoder else "Wan VAE decoder"
-        raise CheckpointError(
-            f"{source}: does not fit the {what} ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(misshaped)} mis-shaped):\n" + "\n".join(problems)
-        )
+    check_fits(model, state, source, "Wan VAE" if model.has_encoder else "Wan VAE decoder")
 
 
 def load_wan_vae(

@@ -173,9 +173,10 @@ def test_bad_state_dict_gives_one_error_listing_every_bad_key(fixture: dict) -> 
     with pytest.raises(CheckpointError) as error:
         load_taehv(state)
     message = str(error.value)
-    assert "missing 'decoder.3.conv.2.bias' (32,)" in message
-    assert "unexpected 'decoder.99.weight'" in message
-    assert "'decoder.4.conv.0.weight' has shape (32, 32, 3, 3), expected (32, 64, 3, 3)" in message
+    assert "(1 missing, 1 unexpected, 1 mis-shaped)" in message
+    assert "missing     decoder.3.conv.2.bias [32]" in message
+    assert "unexpected  decoder.99.weight [1]" in message
+    assert "mis-shaped  decoder.4.conv.0.weight: checkpoint [32, 32, 3, 3], model [32, 64, 3, 3]" in message
 
 
 def test_load_from_file_ignores_encoder_and_adapts_a_larger_tgrow_stride(fixture: dict, tmp_path) -> None:
