@@ -23,7 +23,7 @@ class AttentionKind(enum.Enum):
 ROPE_TABLE_FRAMES = 1024  # Wan's RoPE tables hold 1024 positions per axis
 
 
-def _positive(name: str, value: int) -> None:
+def check_positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{name}={value!r} must be a positive integer")
 
@@ -50,7 +50,7 @@ class DiTConfig:
 
     def __post_init__(self) -> None:
         for name in ("dim", "ffn_dim", "num_heads", "num_layers", "freq_dim", "text_dim", "text_len", "in_dim", "out_dim"):
-            _positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         if not isinstance(self.num_actions, int) or self.num_actions < 0:
             raise ConfigError(f"num_actions={self.num_actions!r} must be an integer >= 0")
         if len(self.patch_size) != 3 or any(not isinstance(p, int) or p < 1 for p in self.patch_size):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from framecast.models.errors import CheckpointError, ConfigError, MissingDependency, ShapeError
+from framecast.models.config import check_positive
 from framecast.models.loading import check_fits, read_checkpoint
 
 StateDict = dict[str, Tensor]
@@ -35,11 +36,6 @@ StateDict = dict[str, Tensor]
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Config
-
-
-def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{name}={value!r} must be a positive integer")
 
 
 @dataclass(frozen=True)
@@ -60,7 +56,7 @@ class UMT5Config:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "dim_attn", "ffn_dim", "num_heads", "num_layers", "text_len"):
-            _positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         if self.dim_attn % self.num_heads:
             raise ConfigError(f"dim_attn={self.dim_attn} must be divisible by num_heads={self.num_heads}")
         if not isinstance(self.num_buckets, int) or self.num_buckets < 4 or self.num_buckets % 2:
@@ -319,7 +315,7 @@ class UMT5Tokenizer:
     """
 
     def __init__(self, path: str | os.PathLike, text_len: int) -> None:
-        _positive("text_len", text_len)
+        check_positive("text_len", text_len)
         path = Path(path)
         try:
             from transformers import AutoTokenizer
