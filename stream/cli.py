@@ -278,6 +278,8 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--latency-budget", type=float, default=1.0, help="seconds from a frame's media time to its send")
     p.add_argument("--height", type=int, default=128, help="frame height in pixels (multiple of 16)")
     p.add_argument("--width", type=int, default=128, help="frame width in pixels (multiple of 16)")
+    p.add_argument("--output-scale", type=int, default=1,
+                   help="enlarge frames this many times for every viewer (e.g. 4: 128 px -> 512 px)")
     add_stream_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
@@ -302,7 +304,8 @@ def run_serve(args: argparse.Namespace) -> None:
     engine = StreamEngine(dit, config, text.encode(args.prompt).to(device, dtype))
     decoder = build_decoder(args, dit.config.out_dim, dtype, device)
     session = Session(engine, decoder, text.encode,
-                      SessionConfig(fps=args.fps, latency_budget_s=args.latency_budget), token=args.token)
+                      SessionConfig(fps=args.fps, latency_budget_s=args.latency_budget,
+                                    output_scale=args.output_scale), token=args.token)
     run_server(session, args.host, args.port, allowed_origins=args.allow_origin,
                max_message_bytes=args.max_message_bytes)
 

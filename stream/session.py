@@ -14,6 +14,7 @@ resume, so pts stay continuous and the deadline scheduler sees no lateness.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import math
@@ -25,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
+import numpy as np
 import torch
 
 from framecast.models.errors import BadMessage, ConfigError, FrameCastError, SessionClosed
@@ -59,16 +61,25 @@ class SessionConfig:
     queue_frames: int = 256  # frames between generation and pacing (generation is at most one budget ahead)
     max_pending_controls: int = 4096  # controls waiting for the next chunk boundary; more are refused
     warm_up: bool = True  # teach the deadline scheduler's cost model before streaming (as `framecast bench`)
+    output_scale: int = 1  # frames are enlarged this many times (nearest) once, before every sink, not per viewer
 
     def __post_init__(self) -> None:
         check_fps(self.fps)
         check_seconds("latency_budget_s", self.latency_budget_s)
         if isinstance(self.speed, bool) or not isinstance(self.speed, (int, float)) or not 0 < self.speed < math.inf:
             raise ConfigError(f"speed={self.speed!r} must be a finite number > 0")
-        for name in ("frame_capacity", "event_capacity", "queue_frames", "max_pending_controls"):
+        for name in ("frame_capacity", "event_capacity", "queue_frames", "max_pending_controls", "output_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 1")
+
+
+def upscale(frame: VideoFrame, scale: int) -> VideoFrame:
+    """The frame enlarged `scale` times by pixel repetition (sharp edges: small models' frames stay readable)."""
+    if scale == 1:
+        return frame
+    rgb = np.repeat(np.repeat(frame.rgb, scale, axis=0), scale, axis=1)
+    return dataclasses.replace(frame, rgb=rgb)
 
 
 class ScaledTime:
@@ -339,7 +350,7 @@ class Session:
                 break
             if event is not None:
                 self.events.publish(event)
-            self.frames.publish(frame)
+            self.frames.publish(upscale(frame, self.config.output_scale))
             self.metrics.frame_at_sink()
         self.frames.close()
         self.events.close()
