@@ -18,6 +18,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+import framecast.web
+
 from framecast.models.errors import ConfigError
 from framecast.stream.control import DEFAULT_MAX_BYTES
 from framecast.stream.metrics import PROMETHEUS_CONTENT_TYPE
@@ -26,7 +28,7 @@ from framecast.stream.sinks.websocket import FrameFormat, WebSocketViewer
 
 log = logging.getLogger("framecast.server")
 
-WEB_ROOT = Path(__file__).resolve().parents[1] / "web"
+WEB_ROOT = Path(framecast.web.__file__).resolve().parent  # package data: found in non-editable installs too
 HARD_MESSAGE_FACTOR = 16  # messages up to this many times the control limit get an error reply; larger ones close
 SESSION_KEY = web.AppKey("session", Session)
 

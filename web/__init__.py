@@ -1,0 +1,1 @@
+"""The browser studio (index.html and its scripts), shipped as package data and served by `framecast serve`."""
