@@ -171,6 +171,7 @@ class StreamEngine:
 
     # controls: validated at once, applied at the next chunk boundary
     def _encode(self, prompt: Tensor) -> TextContext:
+        prompt = prompt.to(self.dit.device, self.dit.dtype)
         if prompt.ndim == 2:
             prompt = prompt.unsqueeze(0)
         if prompt.shape[0] == 1 and self.config.batch > 1:
@@ -203,6 +204,15 @@ class StreamEngine:
             raise ConfigError(f"action ids {actions.unique().tolist()} must be in [0, {num_actions})")
         with self._lock:
             self._pending_actions = actions.to(self.dit.device).contiguous()
+
+    @property
+    def num_actions(self) -> int:
+        """Action ids the model takes (0: none)."""
+        return self.dit.config.num_actions
+
+    def reseed(self, seed: int) -> None:
+        """Draw the noise of the next chunks from a new seed."""
+        self.noise = GaussianNoise(seed)
 
     def reset(self) -> None:
         """Forget the past at the next chunk boundary (the prompt stays)."""

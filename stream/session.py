@@ -23,11 +23,11 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
-import torch
 
 from framecast.models.errors import BadMessage, ConfigError, FrameCastError, SessionClosed
 from framecast.stream.bench import degradation_steps, warm_up
@@ -37,16 +37,30 @@ from framecast.stream.control import (
     encode_ack, encode_error,
 )
 from framecast.stream.deadline import Action, DeadlineConfig, DeadlineScheduler
-from framecast.stream.engine import LatentChunk, StreamEngine
+from framecast.stream.engine import LatentChunk
 from framecast.stream.metrics import StreamMetrics
-from framecast.stream.noise import GaussianNoise
 from framecast.stream.producer import Decoder, Producer, VideoFrame
 from framecast.stream.relay import Relay
 
 log = logging.getLogger("framecast.session")
 
 Reply = Callable[[str], None]  # where a control's ack or error goes (a viewer's event mailbox `put`); any thread
-PromptEncoder = Callable[[str], torch.Tensor]  # prompt text -> embedding [T, text_dim]; may raise FrameCastError
+PromptEncoder = Callable[[str], Any]  # prompt text -> what the engine's set_prompt takes; may raise FrameCastError
+
+
+class LiveEngine(Protocol):
+    """What a session drives: StreamEngine, or the world simulator (stream/simulator.py)."""
+
+    config: Any  # .denoising_steps and .chunk_frames (latent frames per chunk)
+    chunk_index: int  # the next chunk's index
+
+    @property
+    def num_actions(self) -> int: ...
+    def next_chunk(self, steps: Sequence[int] | None = None) -> LatentChunk: ...
+    def set_prompt(self, prompt: Any) -> None: ...
+    def set_action(self, action: int) -> None: ...
+    def reseed(self, seed: int) -> None: ...
+    def reset(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -102,7 +116,7 @@ class _Stopped(Exception):
 class _SteppedEngine:
     """The engine as the producer sees it: the client's step cap applied to the scheduler's step lists."""
 
-    def __init__(self, engine: StreamEngine, step_lists: Sequence[tuple[int, ...]]) -> None:
+    def __init__(self, engine: LiveEngine, step_lists: Sequence[tuple[int, ...]]) -> None:
         self.engine, self.step_lists = engine, tuple(step_lists)
         self.max_steps: int | None = None
 
@@ -129,7 +143,7 @@ class Session:
 
     def __init__(
         self,
-        engine: StreamEngine,
+        engine: LiveEngine,
         decoder: Decoder,
         encode_prompt: PromptEncoder,
         config: SessionConfig | None = None,
@@ -141,7 +155,7 @@ class Session:
         self.config = config = config if config is not None else SessionConfig()
         self.id = session_id if session_id is not None else secrets.token_hex(4)
         self.token = token if token is not None else secrets.token_urlsafe(16)
-        self.num_actions = engine.dit.config.num_actions
+        self.num_actions = engine.num_actions
         self.time = ScaledTime(config.speed)
         step_lists = degradation_steps(engine.config.denoising_steps)
         self.scheduler = DeadlineScheduler(
@@ -322,13 +336,12 @@ class Session:
     def _apply_one(self, control: Control) -> None:
         engine = self.engine
         if isinstance(control, PromptControl):
-            embeds = self.encode_prompt(control.text)
-            engine.set_prompt(embeds.to(engine.dit.device, engine.dit.dtype))
+            engine.set_prompt(self.encode_prompt(control.text))
             self.prompt_switches += 1
         elif isinstance(control, ActionControl):
             engine.set_action(control.action)
         elif isinstance(control, SeedControl):
-            engine.noise = GaussianNoise(control.seed)
+            engine.reseed(control.seed)
         elif isinstance(control, StepsControl):
             self._stepped.max_steps = control.steps
         else:
