@@ -23,9 +23,7 @@ import enum
 import logging
 import struct
 from dataclasses import dataclass
-from fractions import Fraction
 
-import av
 import numpy as np
 from aiohttp import WSMsgType, web
 
@@ -34,6 +32,10 @@ from framecast.stream.control import encode_error, parse_control
 from framecast.stream.producer import VideoFrame
 from framecast.stream.relay import Mailbox
 from framecast.stream.session import Session
+from framecast.stream.sinks.jpeg import SHARED, JpegEncoder, SharedJpeg, jpeg_of
+
+__all__ = ["FRAME_HEADER", "FrameFormat", "FrameHeader", "JpegEncoder", "WebSocketViewer", "pack_frame",
+           "pack_header", "unpack_frame"]  # JpegEncoder lives in stream/sinks/jpeg.py; re-exported for old imports
 
 log = logging.getLogger("framecast.websocket")
 
@@ -60,36 +62,20 @@ class FrameHeader:
     dropped: int
 
 
-class JpegEncoder:
-    """RGB frames -> JPEG bytes through PyAV's MJPEG encoder (one codec context per frame size)."""
-
-    def __init__(self, quality: int = 5) -> None:
-        self.quality = quality  # ffmpeg qscale: 2 (best) .. 31 (worst)
-        self._context: av.CodecContext | None = None
-
-    def encode(self, rgb: np.ndarray) -> bytes:
-        height, width, _ = rgb.shape
-        context = self._context
-        if context is None or (context.width, context.height) != (width, height):
-            context = self._context = av.CodecContext.create("mjpeg", "w")
-            context.width, context.height, context.pix_fmt = width, height, "yuvj420p"
-            context.time_base = Fraction(1, 90_000)
-            context.options = {"qscale": str(self.quality)}
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuvj420p")
-        return b"".join(bytes(packet) for packet in context.encode(frame))
-
-
-def pack_frame(frame: VideoFrame, format: FrameFormat, dropped: int, jpeg: JpegEncoder | None = None) -> bytes:
-    """One binary frame message: header + picture (raw RGB, or JPEG through `jpeg`)."""
+def pack_header(frame: VideoFrame, format: FrameFormat, dropped: int) -> bytes:
+    """The 22-byte header of one binary frame message (the picture follows it)."""
     height, width, channels = frame.rgb.shape
     if channels != 3 or frame.rgb.dtype != np.uint8:
         raise ShapeError(f"frame {frame.index}: expected uint8 [H, W, 3], got {frame.rgb.dtype} {frame.rgb.shape}")
+    return FRAME_HEADER.pack(FRAME_HEADER_VERSION, format.code, width, height, frame.index, frame.pts, dropped)
+
+
+def pack_frame(frame: VideoFrame, format: FrameFormat, dropped: int, jpeg: JpegEncoder | None = None) -> bytes:
+    """One binary frame message: header + picture (raw RGB, or JPEG through `jpeg`, default the shared cache)."""
+    header = pack_header(frame, format, dropped)
     if format is FrameFormat.JPEG:
-        payload = (jpeg if jpeg is not None else JpegEncoder()).encode(frame.rgb)
-    else:
-        payload = np.ascontiguousarray(frame.rgb).tobytes()
-    header = FRAME_HEADER.pack(FRAME_HEADER_VERSION, format.code, width, height, frame.index, frame.pts, dropped)
-    return header + payload
+        return header + (jpeg.encode(frame.rgb) if jpeg is not None else jpeg_of(frame))
+    return header + np.ascontiguousarray(frame.rgb).tobytes()
 
 
 def unpack_frame(data: bytes) -> tuple[FrameHeader, bytes]:
@@ -120,11 +106,11 @@ class WebSocketViewer:
     """
 
     def __init__(self, ws: web.WebSocketResponse, session: Session, *, format: FrameFormat, token: str | None,
-                 max_message_bytes: int, peer: str = "?") -> None:
+                 max_message_bytes: int, peer: str = "?", jpeg: SharedJpeg | None = None) -> None:
         self.ws, self.session, self.format, self.token = ws, session, format, token
         self.max_message_bytes, self.peer = max_message_bytes, peer
         self.can_steer = session.can_steer(token)
-        self._jpeg = JpegEncoder()
+        self._jpeg = jpeg if jpeg is not None else SHARED  # one encode per frame for all JPEG viewers
         self._send_lock = asyncio.Lock()
         self.frames_sent = 0
         self.messages_received = 0
@@ -175,12 +161,12 @@ class WebSocketViewer:
                 await self.ws.send_bytes(data)
 
     async def _send_frames(self, frames: Mailbox[VideoFrame]) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 frame = await frames.get()
-                if self.format is FrameFormat.JPEG:  # off the loop: other viewers must not wait on this encode
-                    data = await loop.run_in_executor(None, pack_frame, frame, self.format, frames.dropped, self._jpeg)
+                if self.format is FrameFormat.JPEG:  # encoded once, off the loop, for every JPEG viewer
+                    header = pack_header(frame, self.format, frames.dropped)
+                    data = header + await self._jpeg.encode_async(frame)
                 else:
                     data = pack_frame(frame, self.format, frames.dropped)
                 await self._send(data)
