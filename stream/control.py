@@ -16,8 +16,8 @@ acknowledged.
 
 Down (server -> client), JSON text messages (binary messages carry frames, see stream/sinks/websocket.py):
 
-    {"v": 1, "type": "hello", "session": "...", "can_steer": true, "fps": "16", "width": 64, "height": 64,
-     "format": "jpeg", "num_actions": 4}                                        once, at connect
+    {"v": 1, "type": "hello", "session": "...", "can_steer": true, "fps": "16", "format": "jpeg",
+     "num_actions": 4, "paused": false, "latency_budget_s": 1.0}                once, at connect
     {"v": 1, "type": "ack", "seq": 3, "id": "a", "control": "prompt", "chunk": 12, "superseded": false}
     {"v": 1, "type": "error", "seq": 4, "id": null, "error": "message is not JSON: ..."}
     {"v": 1, "type": "chunk", "chunk": 12, "first_frame": 141, "frames": 12, "action": "generate", "steps": 4,

@@ -206,7 +206,8 @@ class Session:
     def hello(self, *, can_steer: bool, frame_format: str) -> str:
         """The first message a viewer gets: what it is watching and whether it may steer."""
         return encode("hello", session=self.id, can_steer=can_steer, fps=str(Fraction(self.config.fps)),
-                      format=frame_format, num_actions=self.num_actions, paused=self.is_paused)
+                      format=frame_format, num_actions=self.num_actions, paused=self.is_paused,
+                      latency_budget_s=self.config.latency_budget_s)
 
     # lifecycle
     def start(self) -> None:

@@ -118,7 +118,7 @@ def test_a_client_plays_300_frames_with_actions_and_prompt_switches_each_acknowl
         client = await connect(server, http, f"format=rgb&token={TOKEN}")
         assert client.of_type("hello")[0] | {"session": "test"} == {
             "v": 1, "type": "hello", "session": "test", "can_steer": True, "fps": "16", "format": "rgb",
-            "num_actions": 4, "paused": False,
+            "num_actions": 4, "paused": False, "latency_budget_s": 0.5,
         }
         prompts = ["a red fox in snow", "a city at night", "waves on a beach"]
         seqs = []
