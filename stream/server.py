@@ -4,8 +4,12 @@
     GET /ws        websocket for programs: ?format=jpeg|rgb (default jpeg), ?token=<token> to steer
                    binary frames and JSON events down, JSON controls up (stream/control.py, stream/sinks/websocket.py)
     GET /metrics   Prometheus text: the session's StreamMetrics plus viewer counts and per-viewer drops
+    POST /whep     WebRTC (WHEP): SDP offer in, 201 + SDP answer + Location /whep/<id> out; DELETE /whep/<id> ends
+                   the peer. Video on a track, the same JSON events and controls on a "control" data channel
+                   (stream/sinks/webrtc.py); `Authorization: Bearer <token>` or ?token= to steer
 
-Binds 127.0.0.1 by default. A browser's websocket must come from an allowed origin (default: this server's own
+Binds 127.0.0.1 by default. WebRTC offers `ice_host` as its only host candidate (default: the bind address; this pins
+aioice process-wide, see webrtc.pin_ice_host), and no STUN/TURN server unless `ice_servers` names some. A browser's websocket must come from an allowed origin (default: this server's own
 address); programs send no Origin header and are let in. Watching needs no token; steering does.
 """
 
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -24,6 +28,7 @@ from framecast.models.errors import ConfigError
 from framecast.stream.control import DEFAULT_MAX_BYTES
 from framecast.stream.metrics import PROMETHEUS_CONTENT_TYPE
 from framecast.stream.session import Session
+from framecast.stream.sinks.webrtc import WhepConfig, WhepEndpoint, add_whep_routes
 from framecast.stream.sinks.websocket import FrameFormat, WebSocketViewer
 
 log = logging.getLogger("framecast.server")
@@ -31,10 +36,14 @@ log = logging.getLogger("framecast.server")
 WEB_ROOT = Path(framecast.web.__file__).resolve().parent  # package data: found in non-editable installs too
 HARD_MESSAGE_FACTOR = 16  # messages up to this many times the control limit get an error reply; larger ones close
 SESSION_KEY = web.AppKey("session", Session)
+WHEP_KEY = web.AppKey("whep", WhepEndpoint)
 
 
-def _relay_metrics(session: Session) -> str:
+def _relay_metrics(session: Session, whep: WhepEndpoint) -> str:
     lines = [
+        "# HELP framecast_webrtc_peers WebRTC (WHEP) peers now (each is also counted in framecast_viewers).",
+        "# TYPE framecast_webrtc_peers gauge",
+        f"framecast_webrtc_peers {len(whep.peers)}",
         "# HELP framecast_viewers Viewers connected now.",
         "# TYPE framecast_viewers gauge",
         f"framecast_viewers {session.frames.viewers}",
@@ -55,25 +64,34 @@ def create_app(
     allowed_origins: Iterable[str] | None = None,
     max_message_bytes: int = DEFAULT_MAX_BYTES,
     web_root: Path = WEB_ROOT,
+    ice_host: str = "127.0.0.1",
+    ice_servers: Sequence[str] = (),
+    max_peers: int = 16,
 ) -> web.Application:
     """The aiohttp application serving `session`; it starts the session on startup and closes it on cleanup.
 
     `allowed_origins`: browser origins allowed on /ws (default: the origin the request was addressed to).
+    `ice_host`: the address WebRTC peers are offered (pinned process-wide, see webrtc.pin_ice_host; 0.0.0.0: every
+    interface but loopback, as aioice picks); `ice_servers`: STUN/TURN URLs (see webrtc.ice_server);
+    `max_peers`: WebRTC peers at once (more get 503).
 
     Raises:
-        ConfigError: max_message_bytes < 64.
+        ConfigError: max_message_bytes < 64, max_peers < 1, a bad ICE server URL or an ice_host that does not resolve.
     """
     if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes < 64:
         raise ConfigError(f"max_message_bytes={max_message_bytes!r} must be an integer >= 64")
     origins = None if allowed_origins is None else frozenset(allowed_origins)
     app = web.Application()
+    whep = WhepEndpoint(session, WhepConfig(ice_host=ice_host, ice_servers=tuple(ice_servers), max_peers=max_peers,
+                                            max_message_bytes=max_message_bytes))
     app[SESSION_KEY] = session
+    app[WHEP_KEY] = whep
 
     async def index(request: web.Request) -> web.FileResponse:
         return web.FileResponse(web_root / "index.html")
 
     async def metrics(request: web.Request) -> web.Response:
-        text = session.metrics.to_prometheus() + _relay_metrics(session)
+        text = session.metrics.to_prometheus() + _relay_metrics(session, whep)
         return web.Response(body=text.encode(), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
 
     async def websocket(request: web.Request) -> web.StreamResponse:
@@ -107,6 +125,7 @@ def create_app(
     app.router.add_get("/ws", websocket)
     app.router.add_get("/metrics", metrics)
     app.router.add_static("/web/", web_root)
+    add_whep_routes(app, whep)  # its shutdown hook ends the peers
     app.on_startup.append(start)
     app.on_shutdown.append(close_sockets)
     app.on_cleanup.append(stop)
@@ -120,7 +139,11 @@ def viewer_url(host: str, port: int, token: str | None = None) -> str:
 
 async def serve(session: Session, host: str = "127.0.0.1", port: int = 8000, *,
                 announce: Callable[[str], None] = print, **app_options) -> None:
-    """Serve until cancelled; prints the URL with the token (anyone with it can steer)."""
+    """Serve until cancelled; prints the URL with the token (anyone with it can steer).
+
+    WebRTC peers are offered the bind address unless `ice_host` says otherwise (see create_app).
+    """
+    app_options.setdefault("ice_host", host)
     runner = web.AppRunner(create_app(session, **app_options))
     await runner.setup()
     try:
@@ -129,6 +152,7 @@ async def serve(session: Session, host: str = "127.0.0.1", port: int = 8000, *,
         bound_port = runner.addresses[0][1] if port == 0 else port
         announce(f"framecast: streaming at {viewer_url(host, bound_port, session.token)}")
         announce(f"framecast: programs: ws://{host}:{bound_port}/ws?format=jpeg&token={session.token}")
+        announce(f"framecast: WebRTC (WHEP): http://{host}:{bound_port}/whep (Authorization: Bearer {session.token})")
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
