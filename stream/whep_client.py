@@ -122,9 +122,13 @@ class WhepPlayer:
         video = next(media for media in aiortc_sdp.SessionDescription.parse(text).media if media.kind == "video")
         self.codec = video.rtp.codecs[0].name if video.rtp.codecs else None
 
-    async def close(self) -> None:
-        """DELETE the resource (if the server still answers) and close the peer (idempotent)."""
-        if self.resource_url is not None and self._http is not None:
+    async def close(self, *, delete: bool = True) -> None:
+        """DELETE the resource (if the server still answers) and close the peer (idempotent).
+
+        `delete=False` closes the peer connection only, as a client that crashes or loses its page would: the server
+        then ends the peer when it sees the connection close.
+        """
+        if delete and self.resource_url is not None and self._http is not None:
             url, self.resource_url = self.resource_url, None
             try:
                 async with self._http.delete(url) as response:
@@ -138,7 +142,8 @@ class WhepPlayer:
         if self._pc is not None:
             await self._pc.close()
         if self._http is not None:
-            await self._http.close()
+            http, self._http = self._http, None
+            await http.close()
         self._notify()
 
     # what arrives

@@ -349,7 +349,7 @@ def _refuse_unless_offer(text: str) -> aiortc_sdp.SessionDescription:
     try:
         description = aiortc_sdp.SessionDescription.parse(text)
     except Exception as exc:  # the parser raises whatever a malformed line trips (ValueError, AssertionError, ...)
-        raise WhepRefused(400, f"malformed SDP offer: {type(exc).__name__}: {exc}") from None
+        raise WhepRefused(400, f"malformed SDP offer: {_describe(exc)}") from None
     if not description.media:
         raise WhepRefused(400, "malformed SDP offer: it has no m= sections")
     for index, media in enumerate(description.media):
@@ -366,7 +366,22 @@ def _refuse_unless_offer(text: str) -> aiortc_sdp.SessionDescription:
         directions = ", ".join(str(media.direction) for media in videos)
         raise WhepRefused(400, f"offer has no video transceiver that can receive (video direction: {directions}; "
                                "it must be recvonly or sendrecv)")
+    supported = {name.lower() for name in video_codec_names()}
+    if not any(codec.name.lower() in supported for media in videos if _receives(media) for codec in media.rtp.codecs):
+        raise _no_common_codec(description)
     return description
+
+
+def _no_common_codec(description: aiortc_sdp.SessionDescription) -> WhepRefused:
+    offered = dict.fromkeys(codec.name for media in description.media if media.kind == "video"
+                            for codec in media.rtp.codecs if codec.name.lower() != "rtx")
+    return WhepRefused(400, f"offer has no video codec this server can send (offered: {', '.join(offered) or 'none'}; "
+                            f"supported: {', '.join(video_codec_names())})")
+
+
+def _describe(exc: Exception) -> str:
+    detail = str(exc)
+    return f"{type(exc).__name__}: {detail}" if detail else f"a line cannot be parsed ({type(exc).__name__})"
 
 
 def _receives(media: aiortc_sdp.MediaDescription) -> bool:
@@ -475,14 +490,10 @@ class WhepEndpoint:
         pc = peer.pc
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=text, type="offer"))
-        except OperationError:
-            offered = sorted({codec.name for media in description.media if media.kind == "video"
-                              for codec in media.rtp.codecs if codec.name != "rtx"})
-            raise WhepRefused(400, f"offer has no video codec this server can send (offered: "
-                                   f"{', '.join(offered) or 'none'}; supported: {', '.join(video_codec_names())})"
-                              ) from None
+        except OperationError:  # the names matched, the parameters (an H264 profile, say) did not
+            raise _no_common_codec(description) from None
         except Exception as exc:  # aiortc trips on whatever the offer lacks
-            raise WhepRefused(400, f"malformed SDP offer: {type(exc).__name__}: {exc}") from None
+            raise WhepRefused(400, f"malformed SDP offer: {_describe(exc)}") from None
         mids = [media.rtp.muxId for media in description.media if media.kind == "video" and _receives(media)]
         transceiver = next(t for t in pc.getTransceivers() if t.kind == "video" and t.mid == mids[0])
         try:
