@@ -1,6 +1,9 @@
 """The `framecast` command line.
 
     framecast generate --preset tiny --prompt "a red fox in snow" --frames 64 -o out.mp4
+    framecast bench --seconds 10
+    framecast serve --output-scale 4 [--vcam]     live: browsers, programs, WebRTC (and a virtual camera)
+    framecast vcam --output-scale 4                live to a virtual camera only (v4l2loopback, OBS Virtual Camera)
 """
 
 from __future__ import annotations
@@ -259,8 +262,8 @@ def run_bench(args: argparse.Namespace) -> None:
         args.json.write_text(json.dumps(metrics.to_json(), indent=2))
 
 
-def add_serve(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("serve", help="stream live to browsers and programs (websocket, /metrics)")
+def add_session_flags(p: argparse.ArgumentParser) -> None:
+    """The model and live-session flags `serve` and `vcam` share."""
     p.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)} (default tiny)")
     p.add_argument("--weights", type=Path, help="checkpoint (.pt/.pth of the causal-Wan families, or .safetensors)")
     p.add_argument("--family", help="a causal-Wan family preset; --weights is its file or folder")
@@ -268,12 +271,6 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--decoder", choices=["preview", "wan-vae", "taehv"], default="preview",
                    help="latent decoder: the preview (no weights), the Wan VAE or TAEHV (needs --decoder-weights)")
     p.add_argument("--decoder-weights", type=Path, help="Wan2.1_VAE.pth or taew2_1.pth")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--token", help="steering token (default: a random one, printed with the URL)")
-    p.add_argument("--allow-origin", action="append", help="browser origin allowed on /ws (repeatable; default: "
-                   "the server's own address)")
-    p.add_argument("--max-message-bytes", type=int, default=4096, help="largest control message (default 4096)")
     p.add_argument("--fps", type=int, default=16, help="video frame rate (default 16, Wan's)")
     p.add_argument("--latency-budget", type=float, default=1.0, help="seconds from a frame's media time to its send")
     p.add_argument("--height", type=int, default=128, help="frame height in pixels (multiple of 16)")
@@ -284,18 +281,53 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_camera_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--camera-device", help="virtual camera device (Linux: /dev/videoN of v4l2loopback; Windows/macOS: "
+                   "OBS Virtual Camera); default: the first one free")
+    p.add_argument("--backend", help="pyvirtualcam backend (v4l2loopback, obs, unitycapture); default: any that works")
+
+
+def add_serve(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("serve", help="stream live to browsers and programs (websocket, WebRTC, /metrics)")
+    add_session_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--ice-host", help="the address WebRTC peers are offered as ICE host candidate (default: --host; "
+                   "give this machine's LAN address when binding 0.0.0.0)")
+    p.add_argument("--token", help="steering token (default: a random one, printed with the URL)")
+    p.add_argument("--allow-origin", action="append", help="browser origin allowed on /ws (repeatable; default: "
+                   "the server's own address)")
+    p.add_argument("--max-message-bytes", type=int, default=4096, help="largest control message (default 4096)")
+    p.add_argument("--vcam", action="store_true", help="also feed a virtual camera (see `framecast vcam`)")
+    add_camera_flags(p)
     p.set_defaults(run=run_serve)
 
 
-def run_serve(args: argparse.Namespace) -> None:
-    from framecast.stream.server import run_server
-    from framecast.stream.session import Session, SessionConfig
+def add_vcam(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("vcam", help="stream live to a virtual camera (v4l2loopback, OBS Virtual Camera)")
+    add_session_flags(p)
+    add_camera_flags(p)
+    p.add_argument("--seconds", type=float, help="stop after this many seconds (default: until Ctrl-C)")
+    p.set_defaults(run=run_vcam)
 
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    if dtype == torch.float16 and device.type == "cpu":
+
+def check_session_args(args: argparse.Namespace) -> None:
+    """Refuse bad session flags before anything slow (model loading, opening a camera) happens."""
+    if DTYPES[args.dtype] == torch.float16 and torch.device(args.device).type == "cpu":
         raise ConfigError("--dtype float16 on the CPU is ~50x slower than bfloat16; use bfloat16 or float32")
     if args.height % (2 * VAE_SPATIAL) or args.width % (2 * VAE_SPATIAL):
         raise ConfigError(f"--height/--width {args.height}x{args.width} must be multiples of {2 * VAE_SPATIAL}")
+    if args.output_scale < 1:
+        raise ConfigError(f"--output-scale={args.output_scale} must be >= 1")
+
+
+def build_session(args: argparse.Namespace, token: str | None = None):
+    """The live session the flags describe (not started)."""
+    from framecast.stream.session import Session, SessionConfig
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     dit = build_model(args, dtype, device).eval()
     text = HashedTextEncoder(dit.config.text_dim, dit.config.text_len)
     if args.weights:
@@ -303,11 +335,79 @@ def run_serve(args: argparse.Namespace) -> None:
     config = engine_config(args, args.height // VAE_SPATIAL, args.width // VAE_SPATIAL)
     engine = StreamEngine(dit, config, text.encode(args.prompt).to(device, dtype))
     decoder = build_decoder(args, dit.config.out_dim, dtype, device)
-    session = Session(engine, decoder, text.encode,
-                      SessionConfig(fps=args.fps, latency_budget_s=args.latency_budget,
-                                    output_scale=args.output_scale), token=args.token)
-    run_server(session, args.host, args.port, allowed_origins=args.allow_origin,
-               max_message_bytes=args.max_message_bytes)
+    return Session(engine, decoder, text.encode,
+                   SessionConfig(fps=args.fps, latency_budget_s=args.latency_budget, output_scale=args.output_scale),
+                   token=token)
+
+
+def open_vcam(args: argparse.Namespace):
+    """The virtual camera for the session's frames, opened before the model loads so a missing driver fails fast."""
+    from framecast.stream.sinks.vcam import open_camera
+
+    return open_camera(args.width * args.output_scale, args.height * args.output_scale, args.fps,
+                       device=args.camera_device, backend=args.backend)
+
+
+def start_vcam(args: argparse.Namespace, session, camera):
+    """A started VirtualCameraSink on `camera` (it owns the camera from here on, and closes it when it ends)."""
+    from framecast.stream.sinks.vcam import VirtualCameraSink
+
+    sink = VirtualCameraSink(session, camera.width, camera.height, camera=camera)
+    sink.start()
+    print(f"framecast: virtual camera {sink.device} ({camera.backend}): {camera.width}x{camera.height} "
+          f"at {args.fps} fps")
+    return sink
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from framecast.stream.server import run_server
+
+    check_session_args(args)
+    if not args.vcam and (args.camera_device or args.backend):
+        raise ConfigError("--camera-device and --backend choose the virtual camera: add --vcam")
+    camera = open_vcam(args) if args.vcam else None
+    sink = None
+    try:
+        session = build_session(args, token=args.token)
+        if camera is not None:
+            sink, camera = start_vcam(args, session, camera), None
+        run_server(session, args.host, args.port, allowed_origins=args.allow_origin,
+                   max_message_bytes=args.max_message_bytes, ice_host=args.ice_host or args.host)
+    finally:
+        if camera is not None:  # never handed to a sink
+            camera.close()
+        if sink is not None:
+            sink.close()
+
+
+def run_vcam(args: argparse.Namespace) -> None:
+    from framecast.models.errors import SessionClosed
+
+    check_session_args(args)
+    if args.seconds is not None and not args.seconds > 0:
+        raise ConfigError(f"--seconds={args.seconds} must be > 0")
+    camera = open_vcam(args)
+    try:
+        session = build_session(args)
+        sink, camera = start_vcam(args, session, camera), None
+    finally:
+        if camera is not None:
+            camera.close()
+    session.start()
+    until = None if args.seconds is None else time.monotonic() + args.seconds
+    try:
+        while sink.is_running and (until is None or time.monotonic() < until):
+            sink.join(0.2 if until is None else max(0.0, min(0.2, until - time.monotonic())))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        session.close()
+        sink.close()
+    print(f"framecast: {sink.frames_sent} frames sent to the virtual camera ({sink.dropped} dropped)")
+    if session.failure is not None:
+        raise SessionClosed(f"the stream failed: {session.failure}") from session.failure
+    if sink.failure is not None:
+        raise SessionClosed(f"the virtual camera failed: {sink.failure}") from sink.failure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     add_generate(commands)
     add_bench(commands)
     add_serve(commands)
+    add_vcam(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

@@ -98,11 +98,15 @@ class VirtualCameraSink:
     """
 
     def __init__(self, session: Session, width: int, height: int, *, device: str | None = None,
-                 backend: str | None = None, capacity: int | None = None) -> None:
+                 backend: str | None = None, capacity: int | None = None, camera=None) -> None:
+        """`camera`: one already opened by open_camera at this size (e.g. before a slow model load, to fail fast);
+        the sink owns it from then on. Otherwise start() opens one on `device` through `backend`."""
         self.session, self.width, self.height = session, width, height
         self.device_name, self.backend_name, self.capacity = device, backend, capacity
         self.fps = Fraction(session.config.fps)
-        self.camera = None
+        if camera is not None and (camera.width, camera.height) != (width, height):
+            raise ConfigError(f"the camera is open at {camera.width}x{camera.height}, the sink is for {width}x{height}")
+        self.camera = camera
         self._device: str | None = None
         self.frames_sent = 0
         self.failure: BaseException | None = None
@@ -133,8 +137,9 @@ class VirtualCameraSink:
         """
         if self._thread is not None:
             raise RuntimeError("the virtual camera sink is already started")
-        self.camera = open_camera(self.width, self.height, float(self.fps), device=self.device_name,
-                                  backend=self.backend_name)
+        if self.camera is None:
+            self.camera = open_camera(self.width, self.height, float(self.fps), device=self.device_name,
+                                      backend=self.backend_name)
         self._device = self.camera.device
         self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True,
                                         name=f"framecast-vcam-{self.session.id}")

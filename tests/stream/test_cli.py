@@ -1,3 +1,6 @@
+import glob
+import platform
+
 import av
 import pytest
 from safetensors.torch import load_file
@@ -131,3 +134,42 @@ def test_serve_command_serves_the_page_and_metrics_on_loopback() -> None:
         server.terminate()
         output = server.communicate(timeout=20)[0]
     assert f"127.0.0.1:{port}" in output and "t0k" in output
+
+
+NO_VIDEO_DEVICE = platform.system() == "Linux" and not glob.glob("/dev/video*")
+
+
+@pytest.mark.skipif(not NO_VIDEO_DEVICE, reason="needs Linux without /dev/video* (no v4l2loopback device loaded)")
+@pytest.mark.parametrize("command", [["vcam"], ["serve", "--vcam"]])
+def test_without_a_virtual_camera_driver_vcam_says_how_to_load_one(capsys, command: list) -> None:
+    assert main([*command, "--backend", "v4l2loopback", "--dtype", "float32"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("framecast: error: could not open any virtual camera device ('v4l2loopback' backend: No")
+    assert "sudo modprobe v4l2loopback devices=1 exclusive_caps=1" in error
+
+
+def test_camera_flags_without_vcam_are_refused(capsys) -> None:
+    assert main(["serve", "--camera-device", "/dev/video3"]) == 2
+    assert "--camera-device and --backend choose the virtual camera: add --vcam" in capsys.readouterr().err
+
+
+def test_vcam_streams_the_model_to_the_camera(capsys) -> None:
+    import pyvirtualcam
+
+    from tests.stream.sinks.test_vcam import RecordingCamera
+
+    pyvirtualcam.register_backend("framecast-cli-recording", RecordingCamera)
+    RecordingCamera.opened.clear()
+    try:
+        argv = ["vcam", "--backend", "framecast-cli-recording", "--camera-device", "studio", "--seconds", "1.5",
+                "--height", "32", "--width", "48", "--output-scale", "2", "--dtype", "float32", "--fps", "8"]
+        assert main(argv) == 0
+    finally:
+        pyvirtualcam.camera.BACKENDS.pop("framecast-cli-recording")
+    (camera,) = RecordingCamera.opened
+    assert (camera.width, camera.height, camera.fps, camera.device()) == (96, 64, 8.0, "studio")
+    assert camera.closed == 1 and len(camera.frames) >= 2
+    assert all(frame.shape == (64 * 96 * 3,) for frame in camera.frames)
+    out = capsys.readouterr().out
+    assert "framecast: virtual camera studio (framecast-cli-recording): 96x64 at 8 fps" in out
+    assert f"framecast: {len(camera.frames)} frames sent to the virtual camera" in out
