@@ -132,3 +132,19 @@ def test_the_process_cache_and_the_old_import_path() -> None:
     frame = frame_of(9)
     before = jpeg_module.SHARED.encodes
     assert jpeg_of(frame) is jpeg_of(frame) and jpeg_module.SHARED.encodes == before + 1
+
+
+def test_a_viewer_that_leaves_mid_encode_does_not_cancel_it_for_the_others() -> None:
+    cache = SharedJpeg()
+    frame = frame_of(4, 1024, 1024)
+
+    async def viewers() -> bytes:
+        leaving = asyncio.create_task(cache.encode_async(frame))  # the first: it starts the encode
+        staying = asyncio.create_task(cache.encode_async(frame))
+        await asyncio.sleep(0)  # both are waiting on the one encode now
+        leaving.cancel()
+        return await staying
+
+    data = asyncio.run(viewers())
+    assert decode_with_pil(data).shape == (1024, 1024, 3) and cache.encodes == 1
+    assert cache.encode(frame) is data  # cached for later viewers too
