@@ -178,6 +178,13 @@ class CausalWanDiT(nn.Module):
 
         Shorter inputs are zero-padded to text_len, as the reference does. Raises ShapeError on a wrong shape.
         """
+        return self.text_context(self.embed_text(text_embeds))
+
+    def embed_text(self, text_embeds: Tensor) -> Tensor:
+        """Text-encoder output [B, T', text_dim] -> the projected text [B, text_len, D] every layer's K/V come from.
+
+        The half of `encode_text` a pipeline's first stage runs; the other stages derive their layers' K/V from it.
+        """
         config = self.config
         if text_embeds.ndim != 3 or text_embeds.shape[2] != config.text_dim or not 1 <= text_embeds.shape[1] <= config.text_len:
             raise ShapeError(
@@ -188,8 +195,12 @@ class CausalWanDiT(nn.Module):
         padding = config.text_len - text_embeds.shape[1]
         if padding:
             text_embeds = nn.functional.pad(text_embeds, (0, 0, 0, padding))
-        text = self.text_embedding(text_embeds)
-        pairs = [block.cross_attn.text_keys_values(text) for block in self.blocks]
+        return self.text_embedding(text_embeds)
+
+    def text_context(self, text: Tensor, layers: range | None = None) -> TextContext:
+        """Projected text [B, text_len, D] -> cross-attention K/V of `layers` (default: all); others stay None."""
+        layers = range(len(self.blocks)) if layers is None else layers
+        pairs = [self.blocks[i].cross_attn.text_keys_values(text) if i in layers else (None, None) for i in range(len(self.blocks))]
         return TextContext(keys=tuple(k for k, _ in pairs), values=tuple(v for _, v in pairs))
 
     def time_conditioning(self, timesteps: Tensor, actions: Tensor | None) -> Tensor:
@@ -220,16 +231,32 @@ class CausalWanDiT(nn.Module):
         positions = memory.rope_positions()
         if len(positions) != frames:
             raise ShapeError(f"{frames} latent frames given, but the memory has {len(positions)} frames in flight")
+        x, grid, time, time6 = self.embed(latents, timesteps, actions)
+        x = self.run_blocks(x, time6, self.rope.angles(positions, grid, x.dtype, x.device), text, memory)
+        return self.finish(x, time, grid)
+
+    # The three parts of forward(), separately callable so that a pipeline stage runs only its share of the layers.
+    def embed(self, latents: Tensor, timesteps: Tensor, actions: Tensor | None = None) -> tuple[Tensor, tuple[int, int], Tensor, Tensor]:
+        """Patches and time: -> tokens x [B, L, D], token grid (h, w), time [B, F, D], modulation time6 [B, F, 6, D]."""
         x = self.patch_embedding(latents.to(self.dtype).transpose(1, 2))  # (B, D, F, h, w)
         grid = (x.shape[3], x.shape[4])
         x = x.flatten(2).transpose(1, 2)  # (B, L, D)
-        rope_angles = self.rope.angles(positions, grid, x.dtype, x.device)
         time = self.time_conditioning(timesteps, actions)  # (B, F, D)
-        time6 = self.time_projection(time).unflatten(2, (6, config.dim))  # (B, F, 6, D)
-        for block in self.blocks:
-            x = block(x, time6, rope_angles, text, memory)
-        x = self.head(x, time.unsqueeze(2))  # (B, F, h*w, pf*ph*pw*C)
-        return self.unpatchify(x, grid)
+        time6 = self.time_projection(time).unflatten(2, (6, self.config.dim))  # (B, F, 6, D)
+        return x, grid, time, time6
+
+    def run_blocks(
+        self, x: Tensor, time6: Tensor, rope_angles: tuple[Tensor, Tensor], text: TextContext, memory: Memory,
+        layers: range | None = None,
+    ) -> Tensor:
+        """Blocks `layers` (default: all, in order) on tokens x [B, L, D]; `memory` is indexed by absolute layer."""
+        for layer in range(len(self.blocks)) if layers is None else layers:
+            x = self.blocks[layer](x, time6, rope_angles, text, memory)
+        return x
+
+    def finish(self, x: Tensor, time: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Head and unpatchify: tokens [B, L, D] -> flow [B, F, C, H, W]."""
+        return self.unpatchify(self.head(x, time.unsqueeze(2)), grid)
 
     def unpatchify(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         """[B, F, h*w, pf*ph*pw*C] -> [B, F*pf, C, h*ph, w*pw]; channel is the fastest index, as in the reference."""
