@@ -92,9 +92,9 @@ class VirtualCameraSink:
     session's media clock).
 
     `start()` opens the camera (raising at once if it cannot) and subscribes before it returns, so every frame
-    published afterwards reaches the camera; `close()` unsubscribes and waits for the thread, which closes the camera.
-    The thread also ends (and closes the camera) when the session's stream does. A failure (e.g. a frame of another size) ends the sink only and
-    is kept in `failure`.
+    published afterwards reaches the camera; `close()` unsubscribes and waits for the thread, which closes the
+    camera. The thread also ends (and closes the camera) when the session's stream does. A failure (e.g. a frame of
+    another size) ends the sink only and is kept in `failure`.
     """
 
     def __init__(self, session: Session, width: int, height: int, *, device: str | None = None,
