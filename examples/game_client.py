@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import FrameStats, control, decode_picture, parse_message, save_png, ws_url  # noqa: E402
+from framecast_ws import FrameStats, control, decode_picture, parse_message, save_png, ws_url  # noqa: E402
 
 ACTIONS = {"none": 0, "up": 1, "down": 2, "left": 3, "right": 4}  # framecast.models.world.vocabulary.Action
 ACTION_NAMES = {value: name for name, value in ACTIONS.items()}

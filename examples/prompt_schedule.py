@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import FrameStats, control, parse_message, ws_url  # noqa: E402
+from framecast_ws import FrameStats, control, parse_message, ws_url  # noqa: E402
 
 ENTRY_SPLIT = re.compile(r",\s*(?=\d+(?:\.\d*)?\s*:)")  # a comma followed by the next entry's "seconds:"
 

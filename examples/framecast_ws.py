@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import time
+import zlib
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -47,18 +49,24 @@ def decode_picture(header: FrameHeader, payload: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """A PNG file of an RGB picture, written with zlib alone (no imaging library needed)."""
+    height, width, _ = rgb.shape
+    rows = np.concatenate([np.zeros((height, 1), np.uint8), np.ascontiguousarray(rgb).reshape(height, -1)], axis=1)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+            + chunk(b"IEND", b""))
+
+
 def save_png(rgb: np.ndarray, path: Path) -> None:
-    """Write an RGB picture as PNG (Pillow, or matplotlib when Pillow is missing); replaces the file atomically."""
+    """Write an RGB picture as PNG; replaces the file atomically (a viewer never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part")
-    try:
-        from PIL import Image
-
-        Image.fromarray(rgb).save(partial, format="PNG")
-    except ImportError:
-        import matplotlib.image
-
-        matplotlib.image.imsave(partial, rgb, format="png")
+    partial.write_bytes(png_bytes(rgb))
     partial.replace(path)
 
 
