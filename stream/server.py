@@ -8,9 +8,10 @@
                    the peer. Video on a track, the same JSON events and controls on a "control" data channel
                    (stream/sinks/webrtc.py); `Authorization: Bearer <token>` or ?token= to steer
 
-Binds 127.0.0.1 by default. WebRTC offers `ice_host` as its only host candidate (default: the bind address; this pins
-aioice process-wide, see webrtc.pin_ice_host), and no STUN/TURN server unless `ice_servers` names some. A browser's websocket must come from an allowed origin (default: this server's own
-address); programs send no Origin header and are let in. Watching needs no token; steering does.
+Binds 127.0.0.1 by default. A browser's websocket must come from an allowed origin (default: this server's own
+address); programs send no Origin header and are let in. Watching needs no token; steering does. WebRTC offers
+`ice_host` as its only host candidate (default: the bind address; this pins aioice process-wide, see
+webrtc.pin_ice_host), and no STUN/TURN server unless `ice_servers` names some.
 """
 
 from __future__ import annotations

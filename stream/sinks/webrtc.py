@@ -55,7 +55,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from framecast.models.errors import ConfigError, FrameCastError, SessionClosed
 from framecast.stream.control import DEFAULT_MAX_BYTES
-from framecast.stream.relay import Mailbox
+from framecast.stream.relay import Mailbox, Relay
 from framecast.stream.sinks.viewer import ControlInbox
 
 if TYPE_CHECKING:  # both import torch; this module (and the WHEP client that imports it) needs neither at runtime
@@ -197,23 +197,28 @@ class WhepRefused(FrameCastError):
 # ---- the video track -----------------------------------------------------------------------------------------------
 
 class RelayTrack(MediaStreamTrack):
-    """One peer's video: the frames of its own relay mailbox as av.VideoFrame (RGB; pts in 1/90,000 s).
+    """One peer's video: the frames of its own mailbox of `relay` as av.VideoFrame (RGB; pts in 1/90,000 s).
 
-    aiortc's sender calls `recv` for the next frame and encodes it in a worker thread (the RGB -> YUV conversion
-    too), so the event loop only wraps the array. The track ends when the mailbox closes.
+    aiortc's sender calls `recv` once the connection is up, for each next frame, and encodes it in a worker thread
+    (the RGB -> YUV conversion too), so the event loop only wraps the array. The mailbox is subscribed at the first
+    `recv` (on the event loop), so a peer still connecting neither counts as a viewer nor drops frames, and is
+    unsubscribed by `stop`. The track ends (event "ended") when it is stopped or the relay closes.
     """
 
     kind = "video"
 
-    def __init__(self, frames: Mailbox[VideoFrame]) -> None:
+    def __init__(self, relay: Relay[VideoFrame], capacity: int) -> None:
         super().__init__()
-        self.frames = frames
+        self.relay, self.capacity = relay, capacity
+        self.frames: Mailbox[VideoFrame] | None = None
         self.frames_sent = 0
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError("the track has ended")
         try:
+            if self.frames is None:
+                self.frames = self.relay.subscribe(self.capacity)
             frame = await self.frames.get()
         except SessionClosed:
             self.stop()
@@ -222,6 +227,15 @@ class RelayTrack(MediaStreamTrack):
         video.pts, video.time_base = frame.pts, TIME_BASE
         self.frames_sent += 1
         return video
+
+    def stop(self) -> None:
+        super().stop()
+        if self.frames is not None:
+            self.relay.unsubscribe(self.frames)  # idempotent
+
+    @property
+    def dropped(self) -> int:
+        return 0 if self.frames is None else self.frames.dropped
 
 
 # ---- one peer ------------------------------------------------------------------------------------------------------
@@ -234,7 +248,6 @@ class WhepPeer:
         self.id = secrets.token_urlsafe(12)
         self.token, self.peer = token, peer
         self.track: RelayTrack | None = None
-        self.frames: Mailbox[VideoFrame] | None = None
         self.events: Mailbox[str] | None = None
         self.inbox: ControlInbox | None = None
         self.codec: str | None = None
@@ -249,13 +262,8 @@ class WhepPeer:
         return f"peer {self.id} ({self.peer})"
 
     def attach_video(self, transceiver: RTCRtpTransceiver) -> None:
-        """Send this peer's own mailbox of the session's frames on `transceiver`.
-
-        Raises:
-            SessionClosed: the session is closed.
-        """
-        self.frames = self.session.frames.subscribe(self.endpoint.config.frame_capacity)
-        self.track = RelayTrack(self.frames)
+        """Send this peer's own mailbox of the session's frames on `transceiver` (subscribed once connected)."""
+        self.track = RelayTrack(self.session.frames, self.endpoint.config.frame_capacity)
         self.track.on("ended", lambda: self._later(self.close("the stream ended")))
         transceiver.sender.replaceTrack(self.track)
         transceiver.direction = "sendonly"
@@ -323,8 +331,8 @@ class WhepPeer:
         self.is_closed = True
         self.endpoint.peers.pop(self.id, None)
         self._timer.cancel()
-        if self.frames is not None:
-            self.session.frames.unsubscribe(self.frames)
+        if self.track is not None:
+            self.track.stop()  # unsubscribes its mailbox
         if self.events is not None:
             if self._pump is not None and reason == "the stream ended":
                 await asyncio.wait([self._pump], timeout=1.0)  # the last events (a failure) before the close
@@ -335,7 +343,7 @@ class WhepPeer:
         await self.pc.close()
         log.info("session %s: WebRTC %s ended: %s; %d frames sent, %d dropped, %d messages received",
                  self.session.id, self, reason, 0 if self.track is None else self.track.frames_sent,
-                 0 if self.frames is None else self.frames.dropped, 0 if self.inbox is None else self.inbox.received)
+                 0 if self.track is None else self.track.dropped, 0 if self.inbox is None else self.inbox.received)
 
 
 # ---- the endpoint --------------------------------------------------------------------------------------------------
@@ -461,6 +469,8 @@ class WhepEndpoint:
     def _check_room(self) -> None:
         if self._is_closed:
             raise WhepRefused(503, f"session {self.session.id} is closed")
+        if self.session.failure is not None:
+            raise WhepRefused(503, f"session {self.session.id} has failed: {self.session.failure}")
         busy = len(self.peers) + self._negotiating
         if busy >= self.config.max_peers:
             raise WhepRefused(503, f"too many peers: {busy} of max_peers={self.config.max_peers}; try again later")
@@ -496,10 +506,7 @@ class WhepEndpoint:
             raise WhepRefused(400, f"malformed SDP offer: {_describe(exc)}") from None
         mids = [media.rtp.muxId for media in description.media if media.kind == "video" and _receives(media)]
         transceiver = next(t for t in pc.getTransceivers() if t.kind == "video" and t.mid == mids[0])
-        try:
-            peer.attach_video(transceiver)
-        except SessionClosed:
-            raise WhepRefused(503, f"session {self.session.id} is closed") from None
+        peer.attach_video(transceiver)
         await pc.setLocalDescription(await pc.createAnswer())  # gathers every candidate: a non-trickle answer
         answer = aiortc_sdp.SessionDescription.parse(pc.localDescription.sdp)
         codecs = next(media.rtp.codecs for media in answer.media if media.rtp.muxId == transceiver.mid)

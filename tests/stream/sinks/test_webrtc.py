@@ -211,6 +211,82 @@ def test_shutdown_ends_every_peer() -> None:
     asyncio.run(main())
 
 
+# A WHEP player in the page: offer (recvonly video, preferring `codec`, and a control channel), wait for ICE
+# gathering, POST, answer; then until 20 frames are decoded and the hello is in, a control, DELETE.
+CHROMIUM_PLAYER = """async ({codec, token}) => {
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+  const pc = new RTCPeerConnection({iceServers: []});
+  const transceiver = pc.addTransceiver("video", {direction: "recvonly"});
+  const codecs = RTCRtpReceiver.getCapabilities("video").codecs;
+  const named = (name) => codecs.filter((c) => c.mimeType.toLowerCase() === "video/" + name);
+  if (!named(codec.toLowerCase()).length) return {missing: codec};
+  transceiver.setCodecPreferences(named(codec.toLowerCase()).concat(named("rtx")));
+  const channel = pc.createDataChannel("control");
+  const messages = [];
+  channel.onmessage = (event) => messages.push(JSON.parse(event.data));
+  const video = document.createElement("video");
+  video.muted = video.autoplay = true;
+  document.body.appendChild(video);
+  pc.ontrack = (event) => { video.srcObject = new MediaStream([event.track]); };
+  await pc.setLocalDescription(await pc.createOffer());
+  for (let i = 0; i < 100 && pc.iceGatheringState !== "complete"; i++) await sleep(50);
+  const headers = {"Content-Type": "application/sdp", "Authorization": "Bearer " + token};
+  const response = await fetch("/whep", {method: "POST", headers, body: pc.localDescription.sdp});
+  const answer = await response.text();
+  if (response.status !== 201) return {status: response.status, answer};
+  await pc.setRemoteDescription({type: "answer", sdp: answer});
+  let decoded = 0, used = null;
+  for (let i = 0; i < 200 && !(decoded >= 20 && video.videoWidth && messages.length); i++) {
+    (await pc.getStats()).forEach((s, _, stats) => {
+      if (s.type === "inbound-rtp" && s.kind === "video") {
+        decoded = s.framesDecoded || 0;
+        used = stats.get(s.codecId) ? stats.get(s.codecId).mimeType : null;
+      }
+    });
+    await sleep(50);
+  }
+  channel.send(JSON.stringify({v: 1, type: "seed", seed: 5, id: "browser"}));
+  for (let i = 0; i < 100 && !messages.some((m) => m.id === "browser"); i++) await sleep(50);
+  const deleted = (await fetch(response.headers.get("Location"), {method: "DELETE"})).status;
+  pc.close();
+  return {state: pc.connectionState, decoded, codec: used, width: video.videoWidth, height: video.videoHeight,
+          hello: messages.find((m) => m.type === "hello"), reply: messages.find((m) => m.id === "browser"), deleted};
+}"""
+
+
+def test_chromium_plays_vp8_and_h264_and_steers_over_the_data_channel() -> None:
+    from tests.web.test_studio import CHROMIUM, CHROMIUM_FLAGS, browser_or_skip
+
+    browser_or_skip()  # skips without Playwright or Chromium (fails instead where CI requires the browser)
+    from playwright.async_api import async_playwright
+
+    # Chromium names its host candidates by mDNS unless told not to, and a loopback-only namespace has no mDNS
+    flags = [*CHROMIUM_FLAGS, "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns"]
+
+    async def test(server, base, session, whep) -> None:
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=flags)
+            try:
+                page = await browser.new_page()
+                await page.goto(f"{base}/metrics")  # any page of the server: fetch("/whep") is same-origin
+                played = []
+                for codec in ("VP8", "H264"):
+                    result = await page.evaluate(CHROMIUM_PLAYER, {"codec": codec, "token": TOKEN})
+                    if codec == "H264" and result.get("missing"):
+                        continue  # a Chromium built without H264: VP8 is the codec every browser has
+                    played.append(codec)
+                    assert result["codec"] == f"video/{codec}" and result["decoded"] >= 20, result
+                    assert (result["width"], result["height"]) == (64, 64)
+                    assert result["hello"]["can_steer"] and result["hello"]["format"] == "webrtc"
+                    assert result["reply"]["type"] == "ack" and isinstance(result["reply"]["chunk"], int), result
+                    assert result["deleted"] == 200 and whep.peers == {}
+                assert played[0] == "VP8"
+            finally:
+                await browser.close()
+
+    serve(test)
+
+
 def test_ice_hosts_are_pinned_once_process_wide() -> None:
     assert pin_ice_host("127.0.0.1") == "127.0.0.1" and pin_ice_host("localhost") == "127.0.0.1"
     pinned = aioice.ice.get_host_addresses
