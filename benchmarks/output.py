@@ -1,7 +1,7 @@
 """The live output stage under load: does serving viewers slow the producer, and does a slow viewer hurt the others?
 
-    python benchmarks/output.py                       # ~3 minutes: three phases of 25 s, results/output-cpu.*
-    python benchmarks/output.py --seconds 10 --ws-viewers 5 --out /tmp/quick   # smoke run
+    python benchmarks/output.py                       # ~2.5 minutes; writes results/output-cpu.{json,md,png}
+    python benchmarks/output.py --cycles 1 --seconds 3 --ws-viewers 3 --out /tmp/quick   # smoke run (~30 s)
 
 Setup. The server is `framecast serve` in a child process: the child parses the very arguments of `framecast serve
 --port N --token T --fps 30 --output-scale 4 --latency-budget 0.5` with the CLI's own parser and builds the session
@@ -12,16 +12,20 @@ CPU is counted separately (psutil) and both are reported. Both processes share t
 and its local viewers would; the child's torch pool gets `--threads` (default 1, see realtime-cpu.md: with 2 torch
 threads and 2 busy processes on 2 cores OpenMP's threads wait on each other).
 
-Phases (each measured for --seconds after --settle seconds):
+Phases, interleaved in --cycles cycles (default 3) of a -> b -> c, each window --settle s then --seconds s measured
+(default 3 + 8 s, so each condition is measured 24 s in all; interleaving spreads the load that other processes put
+on this shared machine over all three conditions instead of letting it land on one):
   a. baseline: the session streaming with no viewer;
-  b. 1 WebRTC viewer (stream.whep_client.WhepPlayer, when present) + --ws-viewers websocket viewers (JPEG);
-  c. the same plus one deliberately slow websocket viewer that reads one message per second.
+  b. 1 WebRTC viewer (stream.whep_client.WhepPlayer) + --ws-viewers websocket viewers (JPEG);
+  c. the same plus one deliberately slow websocket viewer that reads one message per second; then all viewers leave.
 
 Measured:
   - producer cost per generated chunk: denoise + decode wall seconds of each chunk (the stage seconds the producer
     hands to the deadline scheduler), its CPU seconds (thread time of the generation thread), steps, deadline misses,
     frames per second delivered to the sink (StreamMetrics frames_at_sink over the window), degradations;
-    slowdown = mean cost per full-step chunk in the phase / the same in the baseline (goal <= 1.05);
+    slowdown = mean cost per full-step chunk in the condition / the same in the baseline (goal <= 1.05), with a 95 %
+    bootstrap interval over chunks; the same ratio of generation-thread CPU per chunk says whether the extra wall
+    time is work or waiting (for a core or the GIL);
   - per-viewer received frames per second over the window (websocket viewers read the 22-byte header and keep the
     JPEG bytes undecoded; the WebRTC viewer decodes, as aiortc must);
   - latency. Every frame carries its index; its deadline on the session's media clock is
@@ -143,8 +147,8 @@ def zero_rtp_timestamp_origin() -> None:
 class Viewer:
     name: str
     kind: str  # "websocket", "webrtc", "slow websocket"
-    received: list[tuple[float, int]] = field(default_factory=list)  # (monotonic receipt, frame index)
-    dropped: int = 0  # frames the server skipped for it (from the header)
+    # (monotonic receipt, media frame index or -1, frames the server skipped for it so far: the frame header's count)
+    received: list[tuple[float, int, int]] = field(default_factory=list)
     error: str | None = None
 
 
@@ -160,8 +164,7 @@ async def websocket_viewer(http, url: str, viewer: Viewer, stop: asyncio.Event, 
                 now = time.monotonic()
                 if message.type is aiohttp.WSMsgType.BINARY:
                     _, _, _, _, index, _, dropped = FRAME_HEADER.unpack_from(message.data)
-                    viewer.received.append((now, index))
-                    viewer.dropped = dropped
+                    viewer.received.append((now, index, dropped))
                 elif message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                     viewer.error = f"connection ended: {message.type.name}"
                     return
@@ -198,7 +201,7 @@ async def webrtc_viewer(base_url: str, viewer: Viewer, stop: asyncio.Event, tick
                 count = min(len(player.receive_times), len(player.pts))
                 for at_s, pts in zip(player.receive_times[seen:count], player.pts[seen:count]):
                     index = pts // ticks_per_frame if pts % ticks_per_frame == 0 else -1  # -1: no latency sample
-                    viewer.received.append((at_s, index))
+                    viewer.received.append((at_s, index, 0))
                 seen = count
     except asyncio.CancelledError:
         raise
@@ -254,6 +257,7 @@ def cost_stats(chunks: list[dict], full_steps: int) -> dict:
     cost = [c["stages"].get("denoise", 0.0) + c["stages"].get("decode", 0.0) for c in full]
     cpu = [c["thread_cpu_s"] for c in full if c["thread_cpu_s"] is not None]
     return {
+        "_costs": cost,
         "generated_chunks": sum(c["action"] == "generate" for c in chunks), "full_step_chunks": len(full),
         "cost_s": {"mean": statistics.fmean(cost) if cost else None, **quantiles(cost)},
         "denoise_s_mean": statistics.fmean(c["stages"]["denoise"] for c in full) if full else None,
@@ -262,31 +266,56 @@ def cost_stats(chunks: list[dict], full_steps: int) -> dict:
     }
 
 
-def producer_summary(chunks: list[dict], before: dict, after: dict, seconds: float, full_steps: int) -> dict:
-    frames = after["metrics"]["frames_at_sink"] - before["metrics"]["frames_at_sink"]
-    deadline_frames = sum(c["frames"] for c in chunks)
-    missed = sum(c["missed"] for c in chunks)
-    degradations = {kind: after["metrics"]["degradations"][kind] - before["metrics"]["degradations"][kind]
-                    for kind in after["metrics"]["degradations"]}
+def window_summary(chunks: list[dict], before: dict, after: dict, seconds: float, full_steps: int) -> dict:
+    """The producer over one measured window (server state `before` and `after` it, the chunks observed in it)."""
     return {
-        "chunks": len(chunks), **cost_stats(chunks, full_steps),
-        "sink_fps": frames / seconds, "deadline_frames": deadline_frames, "deadline_missed": missed,
-        "miss_rate": missed / deadline_frames if deadline_frames else 0.0, "degradations": degradations,
-        "server_cpu_s": after["cpu_s"] - before["cpu_s"],
-        "server_cpu_cores": (after["cpu_s"] - before["cpu_s"]) / seconds,
-        "viewer_frames_dropped": after["viewer_frames_dropped"] - before["viewer_frames_dropped"],
-        "viewers": after["viewers"],
+        "seconds": seconds, **cost_stats(chunks, full_steps),
+        "sink_frames": after["metrics"]["frames_at_sink"] - before["metrics"]["frames_at_sink"],
+        "deadline_frames": sum(c["frames"] for c in chunks), "deadline_missed": sum(c["missed"] for c in chunks),
+        "degradations": {kind: after["metrics"]["degradations"][kind] - before["metrics"]["degradations"][kind]
+                         for kind in after["metrics"]["degradations"]},
+        "server_cpu_s": after["cpu_s"] - before["cpu_s"], "viewers": after["viewers"],
     }
 
 
-def viewer_summary(viewer: Viewer, window: tuple[float, float], start_s: float, fps: float, budget: float) -> dict:
-    t0, t1 = window
-    inside = [(t, i) for t, i in viewer.received if t0 <= t < t1]
-    delivery = [t - (start_s + i / fps + budget) for t, i in inside if i >= 0]
+def condition_summary(windows: list[dict], full_steps: int) -> dict:
+    """One condition (a, b or c) over all its windows: chunks pooled, rates over the total measured time."""
+    seconds = sum(w["seconds"] for w in windows)
+    deadline_frames = sum(w["deadline_frames"] for w in windows)
+    missed = sum(w["deadline_missed"] for w in windows)
     return {
-        "name": viewer.name, "kind": viewer.kind, "frames": len(inside), "fps": len(inside) / (t1 - t0),
+        "windows": len(windows), "seconds": seconds,
+        **cost_stats([c for w in windows for c in w["_chunks"]], full_steps),
+        "sink_fps": sum(w["sink_frames"] for w in windows) / seconds,
+        "deadline_frames": deadline_frames, "deadline_missed": missed,
+        "miss_rate": missed / deadline_frames if deadline_frames else 0.0,
+        "degradations": {kind: sum(w["degradations"][kind] for w in windows) for kind in windows[0]["degradations"]},
+        "server_cpu_cores": sum(w["server_cpu_s"] for w in windows) / seconds,
+        "viewer_process_cpu_cores": sum(w["viewer_cpu_s"] for w in windows) / seconds,
+        "foreign_cpu_cores": sum(w["foreign_cpu_s"] for w in windows) / seconds,
+        "per_window": [{"cycle": w["cycle"], "cost_s_mean": w["cost_s"]["mean"], "full_step_chunks": w["full_step_chunks"],
+                        "foreign_cpu_cores": w["foreign_cpu_s"] / w["seconds"],
+                        "server_cpu_cores": w["server_cpu_s"] / w["seconds"]} for w in windows],
+    }
+
+
+def viewer_summary(name: str, kind: str, runs: list[tuple[Viewer, tuple[float, float]]], start_s: float, fps: float,
+                   budget: float) -> dict:
+    """One viewer (by name) over its windows in one condition: runs are (that cycle's Viewer, the window)."""
+    frames, seconds, skipped, delivery, errors = 0, 0.0, 0, [], set()
+    for viewer, (t0, t1) in runs:
+        inside = [(t, i, d) for t, i, d in viewer.received if t0 <= t < t1]
+        frames += len(inside)
+        seconds += t1 - t0
+        if inside:
+            skipped += inside[-1][2] - inside[0][2]
+        delivery += [t - (start_s + i / fps + budget) for t, i, _ in inside if i >= 0]
+        if viewer.error:
+            errors.add(viewer.error)
+    return {
+        "name": name, "kind": kind, "frames": frames, "fps": frames / seconds if seconds else 0.0,
         "delivery_latency_s": quantiles(delivery), "glass_to_glass_s": quantiles([d + budget for d in delivery]),
-        "skipped_by_server": viewer.dropped, "error": viewer.error, "latency_samples": len(delivery),
+        "skipped_by_server": skipped, "error": "; ".join(sorted(errors)) or None, "latency_samples": len(delivery),
         "_delivery": delivery,
     }
 
@@ -298,6 +327,8 @@ class Bench:
         self.base = f"http://127.0.0.1:{self.port}"
         self.chunks: list[dict] = []
         self.next_chunk = 0
+        self.windows: list[dict] = []
+        self.viewer_runs: dict[str, list[tuple[Viewer, tuple[float, float]]]] = {"b": [], "c": []}
 
     async def poll(self, http) -> dict:
         async with http.get(f"{self.base}/bench", params={"since": str(self.next_chunk)}) as response:
@@ -310,7 +341,7 @@ class Bench:
         deadline = time.monotonic() + 120
         while True:
             if server.poll() is not None:
-                raise SystemExit(f"the server exited with {server.returncode}")
+                raise SystemExit(f"the server exited with {server.returncode}: {server.stdout.read()[-2000:]}")
             try:
                 state = await self.poll(http)
                 if state["metrics"]["frames_at_sink"] > 0:
@@ -324,37 +355,63 @@ class Bench:
                 raise SystemExit("the server did not stream within 120 s")
             await asyncio.sleep(0.5)
 
-    async def measure(self, http, name: str, progress) -> dict:
+    async def measure(self, http, cycle: int, phase: str, progress) -> dict:
         """One window of --seconds (after --settle): server state before/after and the chunks in between, and the
         CPU time of the server, of this (viewer) process and of everything else on the machine ("foreign")."""
         import psutil
 
-        await self.tick(progress, self.args.settle, f"{name}: settle")
+        await self.tick(progress, self.args.settle, f"cycle {cycle} {phase}: settle")
         before = await self.poll(http)
         me = psutil.Process()
         cpu0, machine0 = sum(me.cpu_times()[:2]), busy_seconds()
         first_chunk = len(self.chunks)
         t0 = time.monotonic()
-        await self.tick(progress, self.args.seconds, f"{name}: measure")
+        await self.tick(progress, self.args.seconds, f"cycle {cycle} {phase}: measure")
         t1 = time.monotonic()
         after = await self.poll(http)
         cpu1, machine1 = sum(me.cpu_times()[:2]), busy_seconds()
         chunks = [c for c in self.chunks[first_chunk:] if t0 <= c["t"] < t1]
-        summary = producer_summary(chunks, before, after, t1 - t0, self.full_steps)
-        summary["viewer_process_cpu_cores"] = (cpu1 - cpu0) / (t1 - t0)
-        summary["machine_cpu_cores"] = (machine1 - machine0) / (t1 - t0)
-        summary["foreign_cpu_cores"] = max(0.0, summary["machine_cpu_cores"] - summary["server_cpu_cores"]
-                                           - summary["viewer_process_cpu_cores"])
-        summary["window"] = (t0, t1)
-        summary["_chunks"] = chunks
-        return summary
+        window = window_summary(chunks, before, after, t1 - t0, self.full_steps)
+        window.update(cycle=cycle, phase=phase, window=(t0, t1), _chunks=chunks, viewer_cpu_s=cpu1 - cpu0,
+                      machine_cpu_s=machine1 - machine0)
+        window["foreign_cpu_s"] = max(0.0, window["machine_cpu_s"] - window["server_cpu_s"] - window["viewer_cpu_s"])
+        self.windows.append(window)
+        return window
 
     async def tick(self, progress, seconds: float, label: str) -> None:
         progress.set_description(label)
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
-            await asyncio.sleep(min(1.0, left))
-            progress.update(min(1.0, left) if left < 1.0 else 1.0)
+            step = min(1.0, left)
+            await asyncio.sleep(step)
+            progress.update(step)
+
+    async def cycle(self, http, cycle: int, use_webrtc: bool, progress) -> None:
+        """a (no viewers), b (the fast viewers), c (b + the slow viewer), then every viewer leaves."""
+        args = self.args
+        stop = asyncio.Event()
+        tasks: list[asyncio.Task] = []
+        await self.measure(http, cycle, "a", progress)
+        fast: list[Viewer] = []
+        if use_webrtc:
+            viewer = Viewer("webrtc", "webrtc")
+            fast.append(viewer)
+            tasks.append(asyncio.create_task(webrtc_viewer(self.base, viewer, stop, round(90_000 / self.fps))))
+        url = f"ws://127.0.0.1:{self.port}/ws?format=jpeg"
+        for n in range(args.ws_viewers):
+            viewer = Viewer(f"ws{n + 1}", "websocket")
+            fast.append(viewer)
+            tasks.append(asyncio.create_task(websocket_viewer(http, url, viewer, stop)))
+        b = await self.measure(http, cycle, "b", progress)
+        slow = Viewer("slow", "slow websocket")
+        tasks.append(asyncio.create_task(websocket_viewer(http, url, slow, stop, read_every_s=1.0)))
+        c = await self.measure(http, cycle, "c", progress)
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.viewer_runs["b"] += [(v, b["window"]) for v in fast]
+        self.viewer_runs["c"] += [(v, c["window"]) for v in fast + [slow]]
 
     async def run(self) -> dict:
         import aiohttp
@@ -368,94 +425,99 @@ class Bench:
         server = subprocess.Popen([sys.executable, __file__, "--server-child", *serve_argv], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.serve_command = "framecast " + " ".join(serve_argv)
-        stop = asyncio.Event()
-        tasks: list[asyncio.Task] = []
-        phases: dict[str, dict] = {}
-        viewers: dict[str, list[Viewer]] = {}
-        use_webrtc = args.webrtc and webrtc_available()
-        total = 4 * (args.settle + args.seconds)
+        self.use_webrtc = args.webrtc and webrtc_available()
         try:
             async with aiohttp.ClientSession() as http:
                 state = await self.wait_ready(http, server)
-                self.start_s, self.budget = state["start_s"], state["latency_budget_s"]
                 from fractions import Fraction
 
-                self.fps = float(Fraction(state["fps"]))
                 from framecast.stream.cli import STREAM_DEFAULTS
 
+                self.start_s, self.budget = state["start_s"], state["latency_budget_s"]
+                self.fps = float(Fraction(state["fps"]))
                 steps = [c["steps"] for c in self.chunks if c["action"] == "generate"]
                 self.full_steps = max(steps + [len(STREAM_DEFAULTS["denoising_steps"])])
                 self.torch_threads = state["torch_threads"]
+                total = args.cycles * 3 * (args.settle + args.seconds)
                 with tqdm(total=total, unit="s", bar_format="{desc:28} {bar} {n:.0f}/{total:.0f} s") as progress:
-                    phases["a1"] = await self.measure(http, "a1: no viewers", progress)
-                    fast: list[Viewer] = []
-                    if use_webrtc:
-                        viewer = Viewer("webrtc", "webrtc")
-                        fast.append(viewer)
-                        tasks.append(asyncio.create_task(webrtc_viewer(self.base, viewer, stop,
-                                                                       round(90_000 / self.fps))))
-                    url = f"ws://127.0.0.1:{self.port}/ws?format=jpeg"
-                    for n in range(args.ws_viewers):
-                        viewer = Viewer(f"ws{n + 1}", "websocket")
-                        fast.append(viewer)
-                        tasks.append(asyncio.create_task(websocket_viewer(http, url, viewer, stop)))
-                    phases["b"] = await self.measure(http, "b: viewers", progress)
-                    slow = Viewer("slow", "slow websocket")
-                    tasks.append(asyncio.create_task(websocket_viewer(http, url, slow, stop, read_every_s=1.0)))
-                    phases["c"] = await self.measure(http, "c: + slow viewer", progress)
-                    viewers = {"b": fast, "c": fast + [slow]}
-                    stop.set()
-                    for task in tasks:
-                        task.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                    phases["a2"] = await self.measure(http, "a2: no viewers again", progress)
+                    for cycle in range(1, args.cycles + 1):
+                        await self.cycle(http, cycle, self.use_webrtc, progress)
+                final = await self.poll(http)
+                if abs(final["start_s"] - self.start_s) > 1e-9:
+                    raise SystemExit("the session's clock was shifted (a pause?): latencies would be wrong")
         finally:
             server.terminate()
             try:
-                server_output = server.communicate(timeout=20)[0]
+                self.server_output = server.communicate(timeout=20)[0]
             except subprocess.TimeoutExpired:
                 server.kill()
-                server_output = server.communicate()[0]
+                self.server_output = server.communicate()[0]
+        return self.summarize()
+
+    def summarize(self) -> dict:
+        phases = {key: condition_summary([w for w in self.windows if w["phase"] == key], self.full_steps)
+                  for key in ("a", "b", "c")}
         for key in ("b", "c"):
-            phases[key]["viewers"] = [viewer_summary(v, phases[key]["window"], self.start_s, self.fps, self.budget)
-                                      for v in viewers[key]]
-        return {"phases": phases, "webrtc": use_webrtc, "server_output_tail": server_output[-2000:]}
+            names: dict[str, str] = {}
+            for viewer, _ in self.viewer_runs[key]:
+                names.setdefault(viewer.name, viewer.kind)
+            phases[key]["viewers"] = [
+                viewer_summary(name, kind, [(v, w) for v, w in self.viewer_runs[key] if v.name == name],
+                               self.start_s, self.fps, self.budget)
+                for name, kind in names.items()]
+        return phases
 
 
-def results(run: dict, args: argparse.Namespace, bench: Bench) -> dict:
-    phases = run["phases"]
-    baseline = cost_stats(phases["a1"]["_chunks"] + phases["a2"]["_chunks"], bench.full_steps)
-    base_cost = baseline["cost_s"]["mean"]
+def bootstrap_ratio(costs: list[float], base: list[float], rounds: int = 2000) -> list[float] | None:
+    """95 % bootstrap interval of mean(costs) / mean(base), chunks resampled with replacement (seeded)."""
+    import random
 
+    if len(costs) < 2 or len(base) < 2:
+        return None
+    rng = random.Random(0)
+    ratios = sorted(statistics.fmean(rng.choices(costs, k=len(costs))) / statistics.fmean(rng.choices(base, k=len(base)))
+                    for _ in range(rounds))
+    return [ratios[int(0.025 * rounds)], ratios[int(0.975 * rounds) - 1]]
+
+
+def results(phases: dict, args: argparse.Namespace, bench: Bench) -> dict:
     def ratio(x, y):
         return None if x is None or not y else x / y
 
+    base = phases["a"]
     for key in ("b", "c"):
-        phases[key]["slowdown"] = ratio(phases[key]["cost_s"]["mean"], base_cost)
-        phases[key]["slowdown_p50"] = ratio(phases[key]["cost_s"]["p50"], baseline["cost_s"]["p50"])
-        phases[key]["cpu_per_chunk_ratio"] = ratio(phases[key]["thread_cpu_s_mean"], baseline["thread_cpu_s_mean"])
+        phases[key]["slowdown_ci95"] = bootstrap_ratio(phases[key]["_costs"], base["_costs"])
+        phases[key]["slowdown"] = ratio(phases[key]["cost_s"]["mean"], base["cost_s"]["mean"])
+        phases[key]["slowdown_p50"] = ratio(phases[key]["cost_s"]["p50"], base["cost_s"]["p50"])
+        phases[key]["cpu_per_chunk_ratio"] = ratio(phases[key]["thread_cpu_s_mean"], base["thread_cpu_s_mean"])
     fps_b = {v["name"]: v["fps"] for v in phases["b"]["viewers"]}
-    isolation = {v["name"]: ratio(v["fps"], fps_b[v["name"]]) for v in phases["c"]["viewers"] if v["name"] in fps_b}
-    phases["c"]["isolation"] = isolation
+    phases["c"]["isolation"] = {v["name"]: ratio(v["fps"], fps_b[v["name"]])
+                                for v in phases["c"]["viewers"] if v["name"] in fps_b}
     for key in ("b", "c"):
+        phases[key]["latency_by_kind"] = {}
         for kind in ("websocket", "webrtc", "slow websocket"):
             samples = [d for v in phases[key]["viewers"] if v["kind"] == kind for d in v["_delivery"]]
-            phases[key].setdefault("latency_by_kind", {})[kind] = {
-                "delivery_latency_s": quantiles(samples), "glass_to_glass_s": quantiles([s + bench.budget for s in samples]),
-                "samples": len(samples)}
+            phases[key]["latency_by_kind"][kind] = {
+                "delivery_latency_s": quantiles(samples),
+                "glass_to_glass_s": quantiles([x + bench.budget for x in samples]), "samples": len(samples)}
     return {
         "machine": machine(bench.torch_threads),
         "settings": {"serve": bench.serve_command, "fps": bench.fps, "output_px": 128 * args.output_scale,
-                     "latency_budget_s": bench.budget, "seconds": args.seconds, "settle_s": args.settle,
-                     "ws_viewers": args.ws_viewers, "webrtc_viewer": run["webrtc"], "full_steps": bench.full_steps},
+                     "latency_budget_s": bench.budget, "cycles": args.cycles, "seconds": args.seconds,
+                     "settle_s": args.settle, "ws_viewers": args.ws_viewers, "webrtc_viewer": bench.use_webrtc,
+                     "full_steps": bench.full_steps},
         "goals": {"slowdown_max": SLOWDOWN_GOAL, "isolation_min": ISOLATION_GOAL},
-        "baseline": baseline,  # a1 and a2 pooled: the reference of every slowdown ratio
         "phases": phases,
     }
 
 
 def fmt(x, scale=1.0, digits=1, suffix=""):
     return "n/a" if x is None else f"{scale * x:.{digits}f}{suffix}"
+
+
+def ci(phase: dict) -> str:
+    interval = phase.get("slowdown_ci95")
+    return "n/a" if interval is None else f"{interval[0]:.3f}-{interval[1]:.3f}"
 
 
 def report(data: dict) -> str:
@@ -467,38 +529,47 @@ def report(data: dict) -> str:
         f"- server: `{s['serve']}` in a child process (the CLI's own parser and session builder; a /bench route "
         "added); viewers in the parent process",
         f"- stream: tiny preset (random weights) at 128x128 px, enlarged to {s['output_px']}x{s['output_px']}, "
-        f"{s['fps']:g} fps, latency budget {s['latency_budget_s']} s; each phase {s['settle_s']:g} s settle + "
-        f"{s['seconds']:g} s measured",
-        f"- viewers: phase b: {'1 WebRTC (WhepPlayer) + ' if s['webrtc_viewer'] else ''}{s['ws_viewers']} "
-        "websocket (JPEG); phase c: the same + 1 slow websocket viewer reading one message per second"
-        + ("" if s["webrtc_viewer"] else "; no WebRTC viewer (stream.whep_client was not available)"), "",
+        f"{s['fps']:g} fps, latency budget {s['latency_budget_s']} s",
+        f"- phases, interleaved: {s['cycles']} cycles of a -> b -> c, each window {s['settle_s']:g} s settle + "
+        f"{s['seconds']:g} s measured, so each condition is measured {s['cycles'] * s['seconds']:g} s in all "
+        "(interleaving spreads the load of other processes on this shared machine over all three)",
+        f"- viewers: b: {'1 WebRTC (WhepPlayer, VP8 decoded) + ' if s['webrtc_viewer'] else ''}{s['ws_viewers']} "
+        "websocket (JPEG, header read, picture not decoded); c: the same + 1 slow websocket viewer reading one "
+        "message per second; all viewers leave after c" + ("" if s["webrtc_viewer"] else
+                                                            "; no WebRTC viewer (stream.whep_client not available)"),
+        "",
         "## Producer", "",
-        "| phase | full-step / generated chunks | cost / chunk mean (ms) | p50 | p95 | denoise | decode | gen-thread "
-        "CPU / chunk (ms) | slowdown (mean) | slowdown (p50) | sink fps | misses | degradations | server CPU "
-        "(cores) | viewer process CPU (cores) | foreign CPU (cores) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| condition | full-step / generated chunks | cost / chunk mean (ms) | p50 | p95 | denoise | decode | "
+        "gen-thread CPU / chunk (ms) | slowdown (mean) | slowdown (p50) | CPU / chunk ratio | sink fps | misses | "
+        "degradations | server CPU (cores) | viewer process CPU (cores) | foreign CPU (cores) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    names = {"a1": "a1: no viewers", "b": "b: viewers", "c": "c: + slow viewer", "a2": "a2: no viewers again"}
-
-    def cost_cells(ph: dict) -> str:
-        return (f"{ph['full_step_chunks']}/{ph['generated_chunks']} | {fmt(ph['cost_s']['mean'], 1000)} | "
-                f"{fmt(ph['cost_s']['p50'], 1000)} | {fmt(ph['cost_s']['p95'], 1000)} | "
-                f"{fmt(ph['denoise_s_mean'], 1000)} | {fmt(ph['decode_s_mean'], 1000)} | "
-                f"{fmt(ph['thread_cpu_s_mean'], 1000)}")
-
-    for key in ("a1", "b", "c", "a2"):
+    names = {"a": "a: no viewers", "b": "b: viewers", "c": "c: + slow viewer"}
+    for key in ("a", "b", "c"):
         ph = p[key]
         degradations = ", ".join(f"{k} {v}" for k, v in ph["degradations"].items() if v) or "none"
         lines.append(
-            f"| {names[key]} | {cost_cells(ph)} | {fmt(ph.get('slowdown'), 1, 3)} | {fmt(ph.get('slowdown_p50'), 1, 3)} | "
-            f"{ph['sink_fps']:.1f} | {ph['deadline_missed']}/{ph['deadline_frames']} | {degradations} | "
-            f"{ph['server_cpu_cores']:.2f} | {ph['viewer_process_cpu_cores']:.2f} | {ph['foreign_cpu_cores']:.2f} |")
-    lines.append(f"| baseline: a1 + a2 pooled | {cost_cells(data['baseline'])} | 1 | 1 | | | | | | |")
+            f"| {names[key]} | {ph['full_step_chunks']}/{ph['generated_chunks']} | {fmt(ph['cost_s']['mean'], 1000)} | "
+            f"{fmt(ph['cost_s']['p50'], 1000)} | {fmt(ph['cost_s']['p95'], 1000)} | {fmt(ph['denoise_s_mean'], 1000)} | "
+            f"{fmt(ph['decode_s_mean'], 1000)} | {fmt(ph['thread_cpu_s_mean'], 1000)} | "
+            f"{fmt(ph.get('slowdown', 1.0), 1, 3)} | {fmt(ph.get('slowdown_p50', 1.0), 1, 3)} | "
+            f"{fmt(ph.get('cpu_per_chunk_ratio', 1.0), 1, 3)} | {ph['sink_fps']:.1f} | "
+            f"{ph['deadline_missed']}/{ph['deadline_frames']} | {degradations} | {ph['server_cpu_cores']:.2f} | "
+            f"{ph['viewer_process_cpu_cores']:.2f} | {ph['foreign_cpu_cores']:.2f} |")
+    lines += ["", "Per window (cost / chunk mean in ms, foreign CPU in cores):", "",
+              "| cycle | " + " | ".join(f"{k}: cost | {k}: foreign" for k in ("a", "b", "c")) + " |",
+              "|---|" + "---|---|" * 3]
+    for cycle in range(1, s["cycles"] + 1):
+        cells = []
+        for key in ("a", "b", "c"):
+            w = next((w for w in p[key]["per_window"] if w["cycle"] == cycle), None)
+            cells += ["n/a", "n/a"] if w is None else [fmt(w["cost_s_mean"], 1000), f"{w['foreign_cpu_cores']:.2f}"]
+        lines.append(f"| {cycle} | " + " | ".join(cells) + " |")
     lines += ["", "Cost is taken over full-step chunks only (a degraded chunk cannot make a phase look cheaper). "
               "Foreign CPU: what other processes on the machine used meanwhile (the machine is shared).", "",
               "## Viewers", "",
               "| phase | viewers | count | fps min | fps mean | fps max | fps c / b min | fps c / b max | "
-              "skipped by server (max) | errors |",
+              "skipped by server (most for one viewer) | errors |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for key in ("b", "c"):
         for kind in ("webrtc", "websocket", "slow websocket"):
@@ -526,9 +597,9 @@ def report(data: dict) -> str:
     slow_b, slow_c = p["b"].get("slowdown"), p["c"].get("slowdown")
     lines += [
         "", "## Goals", "",
-        f"- producer slowdown with viewers (mean cost per chunk vs. baseline) <= {SLOWDOWN_GOAL}: phase b "
-        f"{fmt(slow_b, 1, 3)} ({'met' if slow_b is not None and slow_b <= SLOWDOWN_GOAL else 'MISSED'}), phase c "
-        f"{fmt(slow_c, 1, 3)} ({'met' if slow_c is not None and slow_c <= SLOWDOWN_GOAL else 'MISSED'})",
+        f"- producer slowdown with viewers (mean cost per chunk vs. baseline) <= {SLOWDOWN_GOAL}: b "
+        f"{fmt(slow_b, 1, 3)} (95 % interval {ci(p['b'])}; {'met' if slow_b is not None and slow_b <= SLOWDOWN_GOAL else 'MISSED'}), c "
+        f"{fmt(slow_c, 1, 3)} (95 % interval {ci(p['c'])}; {'met' if slow_c is not None and slow_c <= SLOWDOWN_GOAL else 'MISSED'})",
         f"- a slow viewer does not change the others' fps (fps c / b >= {ISOLATION_GOAL} for every fast viewer): worst "
         f"{fmt(worst_iso, 1, 3)} ({'met' if worst_iso is not None and worst_iso >= ISOLATION_GOAL else 'MISSED'})",
         "", "Definitions: cost / chunk = denoise + decode wall seconds the producer reports to the deadline scheduler "
@@ -582,8 +653,10 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--server-child":
         sys.exit(server_child(sys.argv[2:]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=25.0, help="measured seconds per phase (default 25)")
-    parser.add_argument("--settle", type=float, default=4.0, help="seconds before measuring each phase (default 4)")
+    parser.add_argument("--cycles", type=int, default=3, help="a -> b -> c cycles (default 3)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per window (default 8: 24 s "
+                        "per condition over 3 cycles)")
+    parser.add_argument("--settle", type=float, default=3.0, help="seconds before each window (default 3)")
     parser.add_argument("--fps", type=int, default=30)
     parser.add_argument("--output-scale", type=int, default=4, help="128 px x this (default 4: 512x512)")
     parser.add_argument("--budget", type=float, default=0.5, help="latency budget in seconds (default 0.5)")
@@ -596,20 +669,18 @@ def main() -> None:
     parser.add_argument("--name", default="output-cpu", help="result file stem (default output-cpu)")
     args = parser.parse_args()
     bench = Bench(args)
-    run = asyncio.run(bench.run())
-    data = results(run, args, bench)
+    phases = asyncio.run(bench.run())
+    data = results(phases, args, bench)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(data, args.out / f"{args.name}.png")
     for key in ("b", "c"):
         for v in data["phases"][key]["viewers"]:
             samples = v.pop("_delivery")
             step = max(1, len(samples) // 200)
-            v["delivery_latency_samples_s"] = [round(x, 5) for x in samples[::step]]
-        data["phases"][key]["window"] = None
+            v["delivery_latency_samples_s"] = [round(x, 5) for x in samples[::step]]  # every step-th, for a CDF
     for phase in data["phases"].values():
-        phase["window"] = None
-        phase.pop("_chunks", None)
-    data["server_output_tail"] = run["server_output_tail"]
+        phase.pop("_costs", None)
+    data["server_output_tail"] = bench.server_output[-2000:]
     (args.out / f"{args.name}.json").write_text(json.dumps(data, indent=2))
     text = report(data)
     (args.out / f"{args.name}.md").write_text(text)
