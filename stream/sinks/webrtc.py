@@ -299,6 +299,7 @@ class WhepPeer:
                                           max_message_bytes=self.endpoint.config.max_message_bytes)
         events.put(self.session.hello(can_steer=inbox.can_steer, frame_format=HELLO_FORMAT))
         channel.on("message", self._on_message)
+        channel.on("close", lambda: self.session.events.unsubscribe(events))  # ends the pump; the video goes on
         self._pump = asyncio.ensure_future(self._send_events(channel, events))
 
     def _on_message(self, message: str | bytes) -> None:

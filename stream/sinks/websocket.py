@@ -28,11 +28,11 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from framecast.models.errors import BadMessage, SessionClosed, ShapeError
-from framecast.stream.control import encode_error, parse_control
 from framecast.stream.producer import VideoFrame
 from framecast.stream.relay import Mailbox
 from framecast.stream.session import Session
 from framecast.stream.sinks.jpeg import SHARED, JpegEncoder, SharedJpeg, jpeg_of
+from framecast.stream.sinks.viewer import ControlInbox
 
 __all__ = ["FRAME_HEADER", "FrameFormat", "FrameHeader", "JpegEncoder", "WebSocketViewer", "pack_frame",
            "pack_header", "unpack_frame"]  # JpegEncoder lives in stream/sinks/jpeg.py; re-exported for old imports
@@ -137,20 +137,13 @@ class WebSocketViewer:
                      self.frames_sent, frames.dropped)
 
     async def _receive(self, events: Mailbox[str]) -> None:
+        inbox = ControlInbox(self.session, token=self.token, reply=events.put,
+                             max_message_bytes=self.max_message_bytes)
         async for message in self.ws:
             if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                 continue  # aiohttp answers pings and handles close frames itself
             self.messages_received += 1
-            seq = self.messages_received
-            control = None
-            try:
-                control = parse_control(message.data, max_bytes=self.max_message_bytes,
-                                        num_actions=self.session.num_actions)
-                self.session.submit(control, token=self.token, seq=seq, reply=events.put)
-            except BadMessage as exc:
-                events.put(encode_error(seq, str(exc), None if control is None else control.id))
-            except SessionClosed as exc:
-                events.put(encode_error(seq, str(exc), None if control is None else control.id))
+            if not inbox.receive(message.data):  # parsed and submitted as every viewer does (sinks/viewer.py)
                 break
 
     async def _send(self, data: str | bytes) -> None:
