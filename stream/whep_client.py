@@ -69,7 +69,7 @@ class WhepPlayer:
         self.codec: str | None = None  # the video codec the server answered with
         self.frames_received = 0
         self.receive_times: list[float] = []  # time.monotonic() as each frame was decoded
-        self.pts: list[int] = []  # RTP timestamps of the frames: the server's 90 kHz pts plus a random offset
+        self.pts: list[int] = []  # the frames' 90 kHz pts as aiortc's receiver gives them: rebased to start at 0
         self.messages: list[dict] = []  # JSON events from the control channel, in order
         self.sent = 0  # messages sent on the control channel (the server's seq of the last one)
         self.track_ended = False

@@ -5,6 +5,8 @@ connect over loopback only, as in CI's network namespace."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
 
 import aiohttp
@@ -141,6 +143,30 @@ def test_delete_ends_the_peer_and_a_vanished_peer_is_cleaned_up() -> None:
                 await vanishing.wait_frames(10_000, timeout_s=1)
 
     serve(test)
+
+
+def test_a_peer_that_never_connects_is_ended_after_the_connect_timeout(caplog) -> None:
+    async def test(server, base, session, whep) -> None:
+        whep.config = dataclasses.replace(whep.config, connect_timeout_s=0.5)
+        client = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # offers, then never applies the answer
+        client.addTransceiver("video", direction="recvonly")
+        await client.setLocalDescription(await client.createOffer())
+        try:
+            async with aiohttp.ClientSession() as http:
+                headers = {"Content-Type": SDP_CONTENT_TYPE}
+                async with http.post(f"{base}/whep", data=client.localDescription.sdp.encode(), headers=headers) as r:
+                    assert r.status == 201 and r.headers["Content-Type"] == SDP_CONTENT_TYPE
+                    assert r.headers["Location"].startswith("/whep/") and "a=end-of-candidates" in await r.text()
+                assert len(whep.peers) == 1 and session.frames.viewers == 0  # not a viewer until connected
+                await until(lambda: not whep.peers, timeout_s=3, what="the unconnected peer's cleanup")
+                assert "ended: not connected after 0.5 s" in caplog.text
+                async with http.delete(f"{base}{r.headers['Location']}") as response:
+                    assert response.status == 404
+        finally:
+            await client.close()
+
+    with caplog.at_level(logging.INFO, logger="framecast.webrtc"):
+        serve(test)
 
 
 def test_bad_offers_get_their_status_and_reason_and_the_stream_goes_on() -> None:
