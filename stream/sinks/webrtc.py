@@ -264,7 +264,7 @@ class WhepPeer:
     def attach_video(self, transceiver: RTCRtpTransceiver) -> None:
         """Send this peer's own mailbox of the session's frames on `transceiver` (subscribed once connected)."""
         self.track = RelayTrack(self.session.frames, self.endpoint.config.frame_capacity)
-        self.track.on("ended", lambda: self._later(self.close("the stream ended")))
+        self.track.on("ended", lambda: self._later(self.close("the stream ended", drain_events=True)))
         transceiver.sender.replaceTrack(self.track)
         transceiver.direction = "sendonly"
 
@@ -325,8 +325,11 @@ class WhepPeer:
         except (InvalidStateError, ConnectionError):  # the channel or the connection went away
             pass
 
-    async def close(self, reason: str) -> None:
-        """End this peer: unsubscribe its mailboxes, stop its tasks, close the connection (idempotent)."""
+    async def close(self, reason: str, *, drain_events: bool = False) -> None:
+        """End this peer: unsubscribe its mailboxes, stop its tasks, close the connection (idempotent).
+
+        `drain_events`: first let the events still queued go out (at most 1 s): the stream's last word, a failure.
+        """
         if self.is_closed:
             return
         self.is_closed = True
@@ -335,8 +338,8 @@ class WhepPeer:
         if self.track is not None:
             self.track.stop()  # unsubscribes its mailbox
         if self.events is not None:
-            if self._pump is not None and reason == "the stream ended":
-                await asyncio.wait([self._pump], timeout=1.0)  # the last events (a failure) before the close
+            if self._pump is not None and drain_events:
+                await asyncio.wait([self._pump], timeout=1.0)
             self.session.events.unsubscribe(self.events)
         if self._pump is not None:
             self._pump.cancel()

@@ -313,6 +313,47 @@ def test_chromium_plays_vp8_and_h264_and_steers_over_the_data_channel() -> None:
     serve(test)
 
 
+class FailingDecoder:
+    """The session's decoder, until `fail` is set: then it raises, and the stream fails."""
+
+    def __init__(self, decoder) -> None:
+        self.decoder, self.fail = decoder, False
+
+    def decode(self, latents):
+        if self.fail:
+            raise RuntimeError("decoder exploded")
+        return self.decoder.decode(latents)
+
+    def __getattr__(self, name: str):
+        return getattr(self.decoder, name)
+
+
+def test_a_failed_stream_sends_its_error_and_ends_the_peers() -> None:
+    async def main() -> None:
+        session = make_session()
+        session.decoder = decoder = FailingDecoder(session.decoder)
+        server = TestServer(create_app(session), host="127.0.0.1", port=0)
+        await server.start_server()
+        try:
+            async with WhepPlayer(f"http://127.0.0.1:{server.port}") as player:
+                await player.wait_frames(3)
+                decoder.fail = True
+                error = await player.wait_message(lambda m: m["type"] == "error")
+                assert error["error"] == "the stream failed: decoder exploded"
+                await until(lambda: player.connection_state == "closed", what="the peer's end")
+                assert server.app[WHEP_KEY].peers == {} and session.frames.viewers == 0
+                offer = await aiortc_offer(("video", "recvonly"))
+                async with aiohttp.ClientSession() as http:  # and no new peer is taken on
+                    async with http.post(f"http://127.0.0.1:{server.port}/whep", data=offer.encode(),
+                                         headers={"Content-Type": SDP_CONTENT_TYPE}) as response:
+                        assert response.status == 503 and "has failed: decoder exploded" in await response.text()
+        finally:
+            await server.close()
+        assert isinstance(session.failure, RuntimeError)
+
+    asyncio.run(main())
+
+
 def test_ice_hosts_are_pinned_once_process_wide() -> None:
     assert pin_ice_host("127.0.0.1") == "127.0.0.1" and pin_ice_host("localhost") == "127.0.0.1"
     pinned = aioice.ice.get_host_addresses
