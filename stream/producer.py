@@ -55,9 +55,12 @@ class Producer:
         metrics: StreamMetrics | None = None,
         *,
         sleep: Callable[[float], None] = time.sleep,
+        before_chunk: Callable[[], None] | None = None,
     ) -> None:
         self.engine, self.decoder, self.scheduler, self.metrics = engine, decoder, scheduler, metrics
         self.sleep = sleep
+        # called at each chunk's media time, just before it is planned: the latest moment controls can still land in it
+        self.before_chunk = before_chunk
         self._chunk = 0
         self._recent: list[np.ndarray] = []  # the last two frames made, for fills
 
@@ -80,6 +83,8 @@ class Producer:
         clock = self.scheduler.clock
         while True:
             self._wait_for_media_time(self.scheduler.config.frames(self._chunk).start)
+            if self.before_chunk is not None:
+                self.before_chunk()
             decision = self.scheduler.plan()
             self._chunk += 1
             count = len(decision.frames)

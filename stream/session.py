@@ -4,7 +4,8 @@
     pacing thread:     queue -> at each frame's deadline -> frames relay (+ a chunk event to the events relay)
     event loop:        viewers read their mailboxes; `submit(control)` from any thread, acks come back by `reply`
 
-Controls are applied between chunks, never inside one: the generation thread takes everything submitted since the
+Controls are applied between chunks, never inside one: at each chunk's media time, just before the chunk is made (the
+latest moment they can still land in it), the generation thread takes everything submitted since the
 previous boundary, keeps the newest control of each kind (pause and resume are one kind), applies those, and
 acknowledges every control with the engine chunk index from which it is in effect (superseded ones with the index at
 which their replacement took effect). So 1,000 prompt switches within one chunk cost one prompt encoding and one
@@ -245,17 +246,14 @@ class Session:
             clock.restart()
             self.metrics.start_s = clock.start_s
             producer = Producer(self._stepped, self.decoder, self.scheduler, self.metrics,
-                                sleep=lambda s: self._stop.wait(self.time.wall_seconds(s)))
+                                sleep=lambda s: self._stop.wait(self.time.wall_seconds(s)), before_chunk=self._boundary)
             frames_of = self.scheduler.config.frames
             chunk = 0
-            self._boundary()
             for frame in producer.frames():
                 while frame.index >= frames_of(chunk).stop:  # the next scheduler chunk (a dropped one has no frames)
                     chunk += 1
                 frames = frames_of(chunk)
                 self._enqueue(frame, self._chunk_event(frame, frames) if frame.index == frames.start else None)
-                if frame.index == frames.stop - 1:
-                    self._boundary()
         except _Stopped:
             pass
         except Exception as exc:  # anything else ends this session only, loudly
@@ -293,7 +291,7 @@ class Session:
                 continue
 
     def _boundary(self) -> None:
-        """Between two chunks: apply what was submitted, and hold here while paused."""
+        """At a chunk's media time, before it is made: apply what was submitted, and hold here while paused."""
         chunk = self.engine.chunk_index  # the next chunk the engine makes: the generator is suspended
         clock = self.scheduler.clock
         paused_since = None

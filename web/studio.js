@@ -39,6 +39,7 @@ let pc = null, channel = null, resource = null, retry = 0, reconnectTimer = null
 
 function log(text) {
   const line = `${new Date().toISOString().slice(11, 23)} ${text}\n`;
+  console.info(`framecast: ${text}`);
   $("log").textContent = (line + $("log").textContent).slice(0, 6000);
 }
 
@@ -78,6 +79,7 @@ async function connect() {
   peer.onconnectionstatechange = () => {
     if (peer !== pc) return;
     const state = peer.connectionState;
+    log(`connection ${state}`);
     if (state === "connected") {
       retry = 0;
       studio.connects += 1;

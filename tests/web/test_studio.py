@@ -32,6 +32,8 @@ CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--allow-loopback-in-peer-connection",
+    # host candidates as plain addresses, not mDNS names: no multicast resolver exists in a loopback-only namespace
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
 ]
 FPS = 16
 SCALE = 4
@@ -120,7 +122,7 @@ def test_the_studio_plays_webrtc_switches_prompts_and_steers_the_agent(tmp_path)
                 page.wait_for_function("studio.state === 'connected' && studio.framesDecoded > 8", timeout=30_000)
             except Exception:
                 pytest.fail(f"no video: state={page.evaluate('studio.state')}, log={page.inner_text('#log')!r}, "
-                            f"console={console[-10:]}")
+                            f"console={console[-20:]}")
             assert page.evaluate("studio.hello.can_steer") is True
 
             # frames decoded (getStats) grows at the target rate
