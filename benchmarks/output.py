@@ -12,8 +12,8 @@ CPU is counted separately (psutil) and both are reported. Both processes share t
 and its local viewers would; the child's torch pool gets `--threads` (default 1, see realtime-cpu.md: with 2 torch
 threads and 2 busy processes on 2 cores OpenMP's threads wait on each other).
 
-Phases, interleaved in --cycles cycles (default 3) of a -> b -> c, each window --settle s then --seconds s measured
-(default 3 + 8 s, so each condition is measured 24 s in all; interleaving spreads the load that other processes put
+Phases, interleaved in --cycles cycles of a -> b -> c, each window --settle s then --seconds s measured
+(default 6 cycles of 2 + 4 s, so each condition is measured 24 s in all; interleaving spreads the load that other processes put
 on this shared machine over all three conditions instead of letting it land on one):
   a. baseline: the session streaming with no viewer;
   b. 1 WebRTC viewer (stream.whep_client.WhepPlayer) + --ws-viewers websocket viewers (JPEG);
@@ -64,6 +64,7 @@ TOKEN = "bench-token"
 FRAME_HEADER = struct.Struct("<BBHHIQI")  # stream/sinks/websocket.py: version, format, w, h, index, pts, dropped
 SLOWDOWN_GOAL = 1.05
 ISOLATION_GOAL = 0.95
+QUIET_FOREIGN_CORES = 0.25  # a window is "quiet" when other processes used less CPU than this meanwhile
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,6 +124,8 @@ def server_child(serve_argv: list[str]) -> int:
 
     server_module.run_server = run_server
     zero_rtp_timestamp_origin()
+    if os.environ.get("FRAMECAST_BENCH_SWITCH_INTERVAL"):  # the --switch-interval experiment
+        sys.setswitchinterval(float(os.environ["FRAMECAST_BENCH_SWITCH_INTERVAL"]))
     return cli.main(serve_argv)
 
 
@@ -294,6 +297,7 @@ def condition_summary(windows: list[dict], full_steps: int) -> dict:
         "viewer_process_cpu_cores": sum(w["viewer_cpu_s"] for w in windows) / seconds,
         "foreign_cpu_cores": sum(w["foreign_cpu_s"] for w in windows) / seconds,
         "per_window": [{"cycle": w["cycle"], "cost_s_mean": w["cost_s"]["mean"], "full_step_chunks": w["full_step_chunks"],
+                        "thread_cpu_s_mean": w["thread_cpu_s_mean"],
                         "foreign_cpu_cores": w["foreign_cpu_s"] / w["seconds"],
                         "server_cpu_cores": w["server_cpu_s"] / w["seconds"]} for w in windows],
     }
@@ -422,6 +426,8 @@ class Bench:
                       "--output-scale", str(args.output_scale), "--latency-budget", str(args.budget),
                       *args.serve_arg]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        if args.switch_interval is not None:
+            env["FRAMECAST_BENCH_SWITCH_INTERVAL"] = str(args.switch_interval)
         server = subprocess.Popen([sys.executable, __file__, "--server-child", *serve_argv], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.serve_command = "framecast " + " ".join(serve_argv)
@@ -490,6 +496,15 @@ def results(phases: dict, args: argparse.Namespace, bench: Bench) -> dict:
         phases[key]["slowdown"] = ratio(phases[key]["cost_s"]["mean"], base["cost_s"]["mean"])
         phases[key]["slowdown_p50"] = ratio(phases[key]["cost_s"]["p50"], base["cost_s"]["p50"])
         phases[key]["cpu_per_chunk_ratio"] = ratio(phases[key]["thread_cpu_s_mean"], base["thread_cpu_s_mean"])
+    quiet = {"foreign_max_cores": QUIET_FOREIGN_CORES}
+    for key in ("a", "b", "c"):
+        windows = [w for w in bench.windows if w["phase"] == key and w["foreign_cpu_s"] / w["seconds"] < QUIET_FOREIGN_CORES]
+        quiet[key] = {"windows": len(windows), **cost_stats([c for w in windows for c in w["_chunks"]], bench.full_steps)}
+    for key in ("b", "c"):
+        quiet[key]["slowdown"] = ratio(quiet[key]["cost_s"]["mean"], quiet["a"]["cost_s"]["mean"])
+        quiet[key]["slowdown_ci95"] = bootstrap_ratio(quiet[key]["_costs"], quiet["a"]["_costs"])
+    for key in ("a", "b", "c"):
+        quiet[key].pop("_costs")
     fps_b = {v["name"]: v["fps"] for v in phases["b"]["viewers"]}
     phases["c"]["isolation"] = {v["name"]: ratio(v["fps"], fps_b[v["name"]])
                                 for v in phases["c"]["viewers"] if v["name"] in fps_b}
@@ -505,9 +520,10 @@ def results(phases: dict, args: argparse.Namespace, bench: Bench) -> dict:
         "settings": {"serve": bench.serve_command, "fps": bench.fps, "output_px": 128 * args.output_scale,
                      "latency_budget_s": bench.budget, "cycles": args.cycles, "seconds": args.seconds,
                      "settle_s": args.settle, "ws_viewers": args.ws_viewers, "webrtc_viewer": bench.use_webrtc,
-                     "full_steps": bench.full_steps},
+                     "full_steps": bench.full_steps, "switch_interval_s": args.switch_interval},
         "goals": {"slowdown_max": SLOWDOWN_GOAL, "isolation_min": ISOLATION_GOAL},
         "phases": phases,
+        "quiet": quiet,  # the slowdown over the windows in which other processes used little CPU
     }
 
 
@@ -527,7 +543,8 @@ def report(data: dict) -> str:
         f"- machine: {m['cpu']}, {m['cores']} cores, server torch threads {m['server_torch_threads']}, "
         f"torch {m['torch']}, Python {m['python']}, commit {m['commit']}, {m['date']}",
         f"- server: `{s['serve']}` in a child process (the CLI's own parser and session builder; a /bench route "
-        "added); viewers in the parent process",
+        "added" + (f"; sys.setswitchinterval({s['switch_interval_s']}) in the server: an experiment"
+                   if s.get("switch_interval_s") is not None else "") + "); viewers in the parent process",
         f"- stream: tiny preset (random weights) at 128x128 px, enlarged to {s['output_px']}x{s['output_px']}, "
         f"{s['fps']:g} fps, latency budget {s['latency_budget_s']} s",
         f"- phases, interleaved: {s['cycles']} cycles of a -> b -> c, each window {s['settle_s']:g} s settle + "
@@ -556,15 +573,22 @@ def report(data: dict) -> str:
             f"{fmt(ph.get('cpu_per_chunk_ratio', 1.0), 1, 3)} | {ph['sink_fps']:.1f} | "
             f"{ph['deadline_missed']}/{ph['deadline_frames']} | {degradations} | {ph['server_cpu_cores']:.2f} | "
             f"{ph['viewer_process_cpu_cores']:.2f} | {ph['foreign_cpu_cores']:.2f} |")
-    lines += ["", "Per window (cost / chunk mean in ms, foreign CPU in cores):", "",
-              "| cycle | " + " | ".join(f"{k}: cost | {k}: foreign" for k in ("a", "b", "c")) + " |",
-              "|---|" + "---|---|" * 3]
+    lines += ["", "Per window: cost / chunk mean (ms), gen-thread CPU / chunk (ms), foreign CPU (cores):", "",
+              "| cycle | " + " | ".join(f"{k}: cost | {k}: CPU | {k}: foreign" for k in ("a", "b", "c")) + " |",
+              "|---|" + "---|---|---|" * 3]
     for cycle in range(1, s["cycles"] + 1):
         cells = []
         for key in ("a", "b", "c"):
             w = next((w for w in p[key]["per_window"] if w["cycle"] == cycle), None)
-            cells += ["n/a", "n/a"] if w is None else [fmt(w["cost_s_mean"], 1000), f"{w['foreign_cpu_cores']:.2f}"]
+            cells += ["n/a"] * 3 if w is None else [fmt(w["cost_s_mean"], 1000), fmt(w["thread_cpu_s_mean"], 1000),
+                                                    f"{w['foreign_cpu_cores']:.2f}"]
         lines.append(f"| {cycle} | " + " | ".join(cells) + " |")
+    quiet = data["quiet"]
+    lines += ["", f"Quiet windows only (foreign CPU < {quiet['foreign_max_cores']} cores): "
+              + ", ".join(f"{k}: {quiet[k]['windows']} windows, {quiet[k]['full_step_chunks']} chunks, cost "
+                          f"{fmt(quiet[k]['cost_s']['mean'], 1000)} ms" for k in ("a", "b", "c"))
+              + f"; slowdown b {fmt(quiet['b'].get('slowdown'), 1, 3)} ({ci(quiet['b'])}), c "
+              f"{fmt(quiet['c'].get('slowdown'), 1, 3)} ({ci(quiet['c'])})."]
     lines += ["", "Cost is taken over full-step chunks only (a degraded chunk cannot make a phase look cheaper). "
               "Foreign CPU: what other processes on the machine used meanwhile (the machine is shared).", "",
               "## Viewers", "",
@@ -653,10 +677,12 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--server-child":
         sys.exit(server_child(sys.argv[2:]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cycles", type=int, default=3, help="a -> b -> c cycles (default 3)")
-    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per window (default 8: 24 s "
-                        "per condition over 3 cycles)")
-    parser.add_argument("--settle", type=float, default=3.0, help="seconds before each window (default 3)")
+    parser.add_argument("--cycles", type=int, default=6, help="a -> b -> c cycles (default 6)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per window (default 4: 24 s "
+                        "per condition over 6 cycles)")
+    parser.add_argument("--settle", type=float, default=2.0, help="seconds before each window (default 2)")
+    parser.add_argument("--switch-interval", type=float, help="experiment: sys.setswitchinterval in the server "
+                        "(Python's default is 0.005 s), to see how much of a slowdown is GIL hand-over")
     parser.add_argument("--fps", type=int, default=30)
     parser.add_argument("--output-scale", type=int, default=4, help="128 px x this (default 4: 512x512)")
     parser.add_argument("--budget", type=float, default=0.5, help="latency budget in seconds (default 0.5)")
