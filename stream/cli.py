@@ -29,6 +29,7 @@ log = logging.getLogger("framecast")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
 VAE_SPATIAL, VAE_TEMPORAL = 8, 4  # Wan VAE: 8x8 pixels and 4 frames per latent (the first latent gives 1 frame)
+DEFAULT_PROMPT = "a quiet lake at dawn"
 
 
 def parse_steps(text: str) -> tuple[int, ...]:
@@ -42,7 +43,7 @@ def add_generate(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("generate", help="generate a video file from a prompt")
     p.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)} (default tiny)")
     p.add_argument("--weights", type=Path, help="checkpoint (.pt/.pth of the causal-Wan families, or .safetensors)")
-    p.add_argument("--prompt", default="a quiet lake at dawn", help="prompt text")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text")
     p.add_argument("--prompt-embeds", type=Path, help="precomputed text-encoder output [T, text_dim] (.pt/.safetensors)")
     p.add_argument("--text-encoder", type=Path, help="Wan's umT5 checkpoint (models_t5_umt5-xxl-enc-bf16.pth)")
     p.add_argument("--tokenizer", type=Path, help="local google/umt5-xxl tokenizer folder (with --text-encoder)")
@@ -248,7 +249,7 @@ def run_bench(args: argparse.Namespace) -> None:
     if dtype == torch.float16 and device.type == "cpu":
         raise ConfigError("--dtype float16 on the CPU is ~50x slower than bfloat16; use bfloat16 or float32")
     dit = build_model(args, dtype, device).eval()
-    prompt = HashedTextEncoder(dit.config.text_dim, dit.config.text_len).encode("a quiet lake at dawn")
+    prompt = HashedTextEncoder(dit.config.text_dim, dit.config.text_len).encode(DEFAULT_PROMPT)
     engine = StreamEngine(dit, engine_config(args, args.height // VAE_SPATIAL, args.width // VAE_SPATIAL), prompt.to(device, dtype))
     metrics = run_realtime_bench(
         engine, PreviewDecoder(dit.config.out_dim, VAE_SPATIAL, VAE_TEMPORAL), fps=args.fps,
@@ -267,7 +268,11 @@ def add_session_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)} (default tiny)")
     p.add_argument("--weights", type=Path, help="checkpoint (.pt/.pth of the causal-Wan families, or .safetensors)")
     p.add_argument("--family", help="a causal-Wan family preset; --weights is its file or folder")
-    p.add_argument("--prompt", default="a quiet lake at dawn", help="the first prompt (clients switch it live)")
+    p.add_argument("--prompt", help="the first prompt (clients switch it live; default: a quiet lake at dawn, or "
+                   "the simulator's own)")
+    p.add_argument("--simulator", action="store_true",
+                   help="stream the procedural world itself instead of a model (what the embedded model imitates: "
+                   "prompts in its vocabulary, arrow keys steer the agent; exact, for demos and end-to-end checks)")
     p.add_argument("--decoder", choices=["preview", "wan-vae", "taehv"], default="preview",
                    help="latent decoder: the preview (no weights), the Wan VAE or TAEHV (needs --decoder-weights)")
     p.add_argument("--decoder-weights", type=Path, help="Wan2.1_VAE.pth or taew2_1.pth")
@@ -321,23 +326,35 @@ def check_session_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--height/--width {args.height}x{args.width} must be multiples of {2 * VAE_SPATIAL}")
     if args.output_scale < 1:
         raise ConfigError(f"--output-scale={args.output_scale} must be >= 1")
+    if args.simulator:
+        from framecast.models.world.prompt import parse_prompt
+
+        if args.weights or args.family:
+            raise ConfigError("--simulator streams the procedural world: it takes no --weights/--family")
+        if args.prompt is not None:
+            parse_prompt(args.prompt)  # a word outside the world's vocabulary fails here, naming it
 
 
 def build_session(args: argparse.Namespace, token: str | None = None):
     """The live session the flags describe (not started)."""
     from framecast.stream.session import Session, SessionConfig
 
+    config = SessionConfig(fps=args.fps, latency_budget_s=args.latency_budget, output_scale=args.output_scale)
+    if args.simulator:
+        from framecast.stream.simulator import PixelDecoder, SimulatorConfig, WorldSimulator
+
+        options = {} if args.prompt is None else {"prompt": args.prompt}
+        simulator = WorldSimulator(SimulatorConfig(height=args.height, width=args.width, seed=args.seed, **options))
+        return Session(simulator, PixelDecoder(), simulator.encode_prompt, config, token=token)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     dit = build_model(args, dtype, device).eval()
     text = HashedTextEncoder(dit.config.text_dim, dit.config.text_len)
     if args.weights:
         log.warning("prompts are hashed, not encoded: live umT5 prompts for real checkpoints come in a later slice")
-    config = engine_config(args, args.height // VAE_SPATIAL, args.width // VAE_SPATIAL)
-    engine = StreamEngine(dit, config, text.encode(args.prompt).to(device, dtype))
+    engine = StreamEngine(dit, engine_config(args, args.height // VAE_SPATIAL, args.width // VAE_SPATIAL),
+                          text.encode(args.prompt or DEFAULT_PROMPT).to(device, dtype))
     decoder = build_decoder(args, dit.config.out_dim, dtype, device)
-    return Session(engine, decoder, text.encode,
-                   SessionConfig(fps=args.fps, latency_budget_s=args.latency_budget, output_scale=args.output_scale),
-                   token=token)
+    return Session(engine, decoder, text.encode, config, token=token)
 
 
 def open_vcam(args: argparse.Namespace):

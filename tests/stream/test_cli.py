@@ -173,3 +173,29 @@ def test_vcam_streams_the_model_to_the_camera(capsys) -> None:
     out = capsys.readouterr().out
     assert "framecast: virtual camera studio (framecast-cli-recording): 96x64 at 8 fps" in out
     assert f"framecast: {len(camera.frames)} frames sent to the virtual camera" in out
+
+
+def test_the_simulator_streams_the_world_under_the_first_prompt(capsys) -> None:
+    import numpy as np
+    import pyvirtualcam
+
+    from framecast.models.world.ground_truth import read_setting
+    from tests.stream.sinks.test_vcam import RecordingCamera
+
+    pyvirtualcam.register_backend("framecast-cli-simulator", RecordingCamera)
+    RecordingCamera.opened.clear()
+    try:
+        argv = ["vcam", "--simulator", "--prompt", "sand at dusk", "--backend", "framecast-cli-simulator",
+                "--seconds", "1.5", "--fps", "16", "--latency-budget", "0.25"]
+        assert main(argv) == 0
+    finally:
+        pyvirtualcam.camera.BACKENDS.pop("framecast-cli-simulator")
+    (camera,) = RecordingCamera.opened
+    assert len(camera.frames) >= 4
+    setting = read_setting(np.asarray(camera.frames[-1]).reshape(128, 128, 3))
+    assert (setting.terrain.value, setting.time.value) == ("sand", "dusk")
+
+
+def test_the_simulator_refuses_prompts_outside_its_vocabulary(capsys) -> None:
+    assert main(["vcam", "--simulator", "--prompt", "a purple lake", "--backend", "v4l2loopback"]) == 2
+    assert "unknown word 'purple'" in capsys.readouterr().err
