@@ -10,7 +10,9 @@ every sink), and only swaps the final `run_server` for one that adds a read-only
 chunk the producer observes. The viewers run in this (parent) process, so the server's CPU time is its own: viewer
 CPU is counted separately (psutil) and both are reported. Both processes share the machine's 2 cores, as a server
 and its local viewers would; the child's torch pool gets `--threads` (default 1, see realtime-cpu.md: with 2 torch
-threads and 2 busy processes on 2 cores OpenMP's threads wait on each other).
+threads and 2 busy processes on 2 cores OpenMP's threads wait on each other). Both processes run at --nice (default
+-10 where allowed) so other processes on a shared machine disturb them less; what those used anyway is measured per
+window ("foreign CPU") and reported.
 
 Phases, interleaved in --cycles cycles of a -> b -> c, each window --settle s then --seconds s measured
 (default 6 cycles of 2 + 4 s, so each condition is measured 24 s in all; interleaving spreads the load that other processes put
@@ -215,6 +217,16 @@ async def webrtc_viewer(base_url: str, viewer: Viewer, stop: asyncio.Event, tick
 # ---------------------------------------------------------------------------------------------------------------
 # orchestration
 # ---------------------------------------------------------------------------------------------------------------
+def set_nice(niceness: int) -> int:
+    """Run this process (and the threads it starts from now on) at `niceness` if allowed; returns the niceness in
+    effect. A negative value shields the benchmark from other processes on a shared machine (needs root)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    except (PermissionError, OSError):
+        pass
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -429,7 +441,8 @@ class Bench:
         if args.switch_interval is not None:
             env["FRAMECAST_BENCH_SWITCH_INTERVAL"] = str(args.switch_interval)
         server = subprocess.Popen([sys.executable, __file__, "--server-child", *serve_argv], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  preexec_fn=lambda: set_nice(args.nice))
         self.serve_command = "framecast " + " ".join(serve_argv)
         self.use_webrtc = args.webrtc and webrtc_available()
         try:
@@ -520,7 +533,7 @@ def results(phases: dict, args: argparse.Namespace, bench: Bench) -> dict:
         "settings": {"serve": bench.serve_command, "fps": bench.fps, "output_px": 128 * args.output_scale,
                      "latency_budget_s": bench.budget, "cycles": args.cycles, "seconds": args.seconds,
                      "settle_s": args.settle, "ws_viewers": args.ws_viewers, "webrtc_viewer": bench.use_webrtc,
-                     "full_steps": bench.full_steps, "switch_interval_s": args.switch_interval},
+                     "full_steps": bench.full_steps, "switch_interval_s": args.switch_interval, "nice": args.nice},
         "goals": {"slowdown_max": SLOWDOWN_GOAL, "isolation_min": ISOLATION_GOAL},
         "phases": phases,
         "quiet": quiet,  # the slowdown over the windows in which other processes used little CPU
@@ -529,6 +542,18 @@ def results(phases: dict, args: argparse.Namespace, bench: Bench) -> dict:
 
 def fmt(x, scale=1.0, digits=1, suffix=""):
     return "n/a" if x is None else f"{scale * x:.{digits}f}{suffix}"
+
+
+def verdict(phase: dict) -> str:
+    """met only when the whole 95 % interval is within the goal; MISSED when the estimate itself is past it."""
+    value, interval = phase.get("slowdown"), phase.get("slowdown_ci95")
+    if value is None:
+        return "not measured"
+    if value > SLOWDOWN_GOAL:
+        return "MISSED"
+    if interval is None or interval[1] > SLOWDOWN_GOAL:
+        return "NOT SHOWN: the estimate is within the goal but the interval reaches past it"
+    return "met"
 
 
 def ci(phase: dict) -> str:
@@ -545,6 +570,8 @@ def report(data: dict) -> str:
         f"- server: `{s['serve']}` in a child process (the CLI's own parser and session builder; a /bench route "
         "added" + (f"; sys.setswitchinterval({s['switch_interval_s']}) in the server: an experiment"
                    if s.get("switch_interval_s") is not None else "") + "); viewers in the parent process",
+        f"- both processes run at niceness {s['nice']} (other processes on this shared machine are measured as "
+        "'foreign CPU' per window)",
         f"- stream: tiny preset (random weights) at 128x128 px, enlarged to {s['output_px']}x{s['output_px']}, "
         f"{s['fps']:g} fps, latency budget {s['latency_budget_s']} s",
         f"- phases, interleaved: {s['cycles']} cycles of a -> b -> c, each window {s['settle_s']:g} s settle + "
@@ -618,12 +645,11 @@ def report(data: dict) -> str:
                              f"{fmt(g['p50'], 1000)} | {fmt(g['p95'], 1000)} | {lat['samples']} |")
     fast_iso = [r for name, r in p["c"]["isolation"].items() if r is not None]
     worst_iso = min(fast_iso) if fast_iso else None
-    slow_b, slow_c = p["b"].get("slowdown"), p["c"].get("slowdown")
     lines += [
         "", "## Goals", "",
-        f"- producer slowdown with viewers (mean cost per chunk vs. baseline) <= {SLOWDOWN_GOAL}: b "
-        f"{fmt(slow_b, 1, 3)} (95 % interval {ci(p['b'])}; {'met' if slow_b is not None and slow_b <= SLOWDOWN_GOAL else 'MISSED'}), c "
-        f"{fmt(slow_c, 1, 3)} (95 % interval {ci(p['c'])}; {'met' if slow_c is not None and slow_c <= SLOWDOWN_GOAL else 'MISSED'})",
+        f"- producer slowdown with viewers (mean cost per chunk vs. baseline) <= {SLOWDOWN_GOAL}: "
+        + ", ".join(f"{key} {fmt(p[key].get('slowdown'), 1, 3)} (95 % interval {ci(p[key])}: {verdict(p[key])})"
+                    for key in ("b", "c")),
         f"- a slow viewer does not change the others' fps (fps c / b >= {ISOLATION_GOAL} for every fast viewer): worst "
         f"{fmt(worst_iso, 1, 3)} ({'met' if worst_iso is not None and worst_iso >= ISOLATION_GOAL else 'MISSED'})",
         "", "Definitions: cost / chunk = denoise + decode wall seconds the producer reports to the deadline scheduler "
@@ -681,6 +707,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per window (default 4: 24 s "
                         "per condition over 6 cycles)")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds before each window (default 2)")
+    parser.add_argument("--nice", type=int, default=-10, help="niceness of the server and the viewers (default -10 "
+                        "where allowed: other processes on a shared machine then disturb the measurement less)")
     parser.add_argument("--switch-interval", type=float, help="experiment: sys.setswitchinterval in the server "
                         "(Python's default is 0.005 s), to see how much of a slowdown is GIL hand-over")
     parser.add_argument("--fps", type=int, default=30)
@@ -694,6 +722,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     parser.add_argument("--name", default="output-cpu", help="result file stem (default output-cpu)")
     args = parser.parse_args()
+    args.nice = set_nice(args.nice)  # before any thread starts: threads inherit it
     bench = Bench(args)
     phases = asyncio.run(bench.run())
     data = results(phases, args, bench)
