@@ -1,0 +1,165 @@
+"""Where the lanes' packets run: in this process, or across stage worker processes over torch.distributed.
+
+Both take packets in order (`submit`) and hand back the outputs of the packets that asked for one (`result`), in
+submission order: a pipeline is first in, first out, so the orchestrator always knows whose output comes next.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from framecast.models.dit import CausalWanDiT
+from framecast.stream.engine import EngineConfig
+from framecast.stream.stage import Stage, StageSpec, stage_specs
+from framecast.stream.stage_worker import WorkerSpec, worker_main
+from framecast.stream.wire import Kind, Packet, StageFailed, free_port, open_group, wait_watched, watched
+
+
+class Executor(Protocol):
+    def submit(self, packet: Packet) -> None: ...  # non-blocking where the executor can be
+    def result(self) -> Tensor: ...  # the next output, in submission order; raises StageFailed
+    def close(self, graceful: bool = True) -> None: ...
+
+    @property
+    def describe(self) -> str: ...
+
+
+class LocalExecutor:
+    """All stages in this process, one after the other (the one-process fallback; also the split's unit test)."""
+
+    def __init__(self, dit: CausalWanDiT, config: EngineConfig, lanes: int, split: Sequence[range] | None = None) -> None:
+        split = tuple(split) if split else (range(dit.config.num_layers),)
+        self.stages = [Stage(dit, spec, config, lanes, own_model=False) for spec in stage_specs(split)]
+        self._outputs: deque[Tensor] = deque()
+
+    def submit(self, packet: Packet) -> None:
+        for stage in self.stages:
+            packet = stage.run(packet)
+        if packet.output:
+            self._outputs.append(packet.tensors[0])
+
+    def result(self) -> Tensor:
+        return self._outputs.popleft()
+
+    def close(self, graceful: bool = True) -> None:
+        self._outputs.clear()
+
+    @property
+    def describe(self) -> str:
+        return f"local ({len(self.stages)} stage(s) in one process)"
+
+
+class PipelineExecutor:
+    """One spawned process per stage, joined in a process group with this process as rank 0.
+
+    `result()` polls its receive and raises StageFailed when a stage process has died, a connection broke, or the
+    output has not come within `stage_timeout_s` of the moment it became due (a hung stage).
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., CausalWanDiT],
+        config: EngineConfig,
+        lanes: int,
+        split: Sequence[range],
+        *,
+        backend: str = "gloo",
+        addr: str = "127.0.0.1",
+        port: int | None = None,
+        threads: int = 1,
+        devices: Sequence[str] | None = None,
+        start_timeout_s: float = 60.0,
+        stage_timeout_s: float = 10.0,
+        idle_timeout_s: float = 24 * 3600.0,
+    ) -> None:
+        specs = stage_specs(tuple(split))
+        self.stage_timeout_s = stage_timeout_s
+        port = port or free_port(addr)
+        devices = list(devices) if devices else ["cpu"] * len(specs)
+        context = multiprocessing.get_context("spawn")
+        self.processes = []
+        for spec, device in zip(specs, devices):
+            worker = WorkerSpec(spec, model, config, lanes, backend, addr, port, threads, device, start_timeout_s, idle_timeout_s)
+            process = context.Process(target=worker_main, args=(worker, os.getpid()), daemon=True, name=f"stage-{spec.index}")
+            process.start()
+            self.processes.append(process)
+        self.specs = specs
+        self._closed = False
+        self._results: queue.Queue = queue.Queue()
+        try:
+            deadline = time.monotonic() + start_timeout_s
+            self.group = watched(
+                lambda: open_group(
+                    backend, addr, port, 0, len(specs) + 1, start_timeout_s=start_timeout_s,
+                    idle_timeout_s=idle_timeout_s, device=devices[0] if backend == "nccl" else "cpu",
+                ),
+                deadline, self._alive, "starting the pipeline",
+            )
+            for rank in range(1, len(specs) + 1):
+                ready = watched(lambda: self.group.recv(rank), deadline, self._alive, f"waiting for stage {rank - 1}")
+                if ready.kind is not Kind.READY:
+                    raise StageFailed(f"rank {rank} sent {ready.kind.name} before READY")
+        except BaseException:
+            self.close()
+            raise
+        threading.Thread(target=self._receive, daemon=True, name="pipeline results").start()
+
+    def _receive(self) -> None:
+        """Receiver thread: the last stage's outputs into a queue, until the group breaks."""
+        while True:
+            try:
+                packet = self.group.recv(len(self.specs))
+            except BaseException as error:  # noqa: BLE001 - handed to result()
+                self._results.put((False, error))
+                return
+            self._results.put((True, packet))
+
+    def _alive(self) -> bool:
+        return all(process.is_alive() for process in self.processes)
+
+    def dead_stages(self) -> list[int]:
+        return [index for index, process in enumerate(self.processes) if not process.is_alive()]
+
+    def submit(self, packet: Packet) -> None:
+        self.group.isend(packet, 1)
+
+    def result(self) -> Tensor:
+        deadline = time.monotonic() + self.stage_timeout_s
+        try:
+            packet = wait_watched(self._results, deadline, self._alive, "waiting for the pipeline's output")
+        except StageFailed as error:
+            dead = self.dead_stages()
+            detail = f"stage(s) {dead} died (exit codes {[self.processes[i].exitcode for i in dead]})" if dead else str(error)
+            raise StageFailed(f"pipeline of {len(self.specs)} stages failed: {detail}") from error
+        return packet.tensors[0]
+
+    def close(self, graceful: bool = True) -> None:
+        """Stop the workers: a STOP packet when all are alive (and `graceful`), then kill whatever still runs."""
+        if self._closed:
+            return
+        self._closed = True
+        if graceful and hasattr(self, "group") and self._alive():
+            try:
+                self.group.isend(Packet(lane=0, kind=Kind.STOP), 1)
+            except (RuntimeError, StageFailed):
+                pass
+        deadline = time.monotonic() + (2.0 if graceful else 0.0)
+        for process in self.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
+
+    @property
+    def describe(self) -> str:
+        return f"pipeline of {len(self.specs)} stage processes, layers {[(s.layers.start, s.layers.stop) for s in self.specs]}"

@@ -1,0 +1,248 @@
+"""The pipeline-parallel orchestrator: lanes of streams through N stage processes, with rebuild on faults.
+
+    orchestrator (rank 0): lanes (sampler, history, controls) --packets--> stage 0 -> stage 1 -> ... -> stage N-1
+                           <-------------------------------- flows ------------------------------------------/
+
+Each stage process owns a contiguous range of layers and those layers' cache (`stream/stage.py`); activations go
+from rank to rank with torch.distributed send/recv (gloo on CPUs, NCCL on GPUs). Every lane is a stream that equals
+`StreamEngine` bit for bit (same calls, same order, same noise); controls travel with the chunk they apply to, and
+a prompt switch's recache runs inside the pipeline, without a restart.
+
+Why lanes: one stream cannot keep N stages busy. Each denoising step needs the previous step's output through the
+whole network, so only the clean context pass of chunk c overlaps step 0 of chunk c+1 (with 4 steps, at most
+~1.11x on 2 stages). With L independent lanes in flight, stage k works on lane A while stage k-1 works on lane B.
+
+Faults: a stage that dies, breaks its connection or does not answer within `stage_timeout_s` raises StageFailed
+inside `chunks()`; the orchestrator drops the pipeline, rebuilds it (`on_fault`: in this process, or N-1 fresh
+stage processes), rebuilds every lane's memory from its last committed chunk, and goes on. Chunk numbers go on
+without a gap or a repeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from framecast.models.config import DiTConfig
+from framecast.models.dit import CausalWanDiT
+from framecast.models.errors import ConfigError
+from framecast.stream.engine import EngineConfig, LatentChunk, SwitchPolicy
+from framecast.stream.executors import Executor, LocalExecutor, PipelineExecutor
+from framecast.stream.lane import Lane, Program
+from framecast.stream.layer_split import LayerCosts, balanced_split, even_split, measure_layer_seconds, split_from_sizes
+from framecast.stream.noise import GaussianNoise, NoiseSource
+from framecast.stream.wire import StageFailed
+
+log = logging.getLogger(__name__)
+
+FAULT_POLICIES = ("local", "fewer-stages")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How the stages are laid out and watched."""
+
+    stages: int = 2
+    layers_per_stage: tuple[int, ...] | None = None  # None: balanced from measured per-layer times (or even)
+    balance: bool = True  # measure per-layer times in this process and balance; False: even split
+    standby: bool = True  # keep a model in this process for the one-process rebuild (a fault costs no load time)
+    backend: str = "gloo"  # "nccl" on GPUs
+    devices: tuple[str, ...] | None = None  # one per stage; default all "cpu"
+    threads_per_stage: int = 1
+    addr: str = "127.0.0.1"
+    port: int | None = None  # None: a free port
+    start_timeout_s: float = 60.0
+    stage_timeout_s: float = 10.0  # an awaited output later than this is a hung stage
+    on_fault: str = "local"  # "local": go on in this process; "fewer-stages": N-1 fresh stage processes
+    max_rebuilds: int = 3
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stages, int) or self.stages < 1:
+            raise ConfigError(f"stages={self.stages!r} must be a positive integer")
+        if self.layers_per_stage is not None and len(self.layers_per_stage) != self.stages:
+            raise ConfigError(f"layers_per_stage={self.layers_per_stage} must have one entry per stage ({self.stages})")
+        if self.devices is not None and len(self.devices) != self.stages:
+            raise ConfigError(f"devices={self.devices} must have one entry per stage ({self.stages})")
+        if self.on_fault not in FAULT_POLICIES:
+            raise ConfigError(f"on_fault={self.on_fault!r} must be one of {FAULT_POLICIES}")
+        for name in ("start_timeout_s", "stage_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be > 0")
+
+
+
+@dataclass(frozen=True)
+class LaneChunk:
+    lane: int
+    chunk: LatentChunk
+
+
+@dataclass
+class Rebuild:
+    """One fault and what the orchestrator did about it."""
+
+    error: str
+    detected_at: float  # time.monotonic()
+    resumed_at: float
+    executor: str
+
+
+class PipelineEngine:
+    """Streams of latent chunks from a DiT split across stage processes: `for lc in engine.chunks(): lc.lane, lc.chunk`.
+
+    `prompts`: one prompt embedding per lane (lanes are independent streams: own prompt, noise, memory).
+    `model`: a picklable recipe every process builds the DiT with (`RandomDiT`, `CheckpointDiT`).
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., CausalWanDiT],
+        config: EngineConfig,
+        prompts: Sequence[Tensor],
+        pipeline: PipelineConfig = PipelineConfig(),
+        noises: Sequence[NoiseSource] | None = None,
+        *,
+        dit_config: DiTConfig | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if not prompts:
+            raise ConfigError("a pipeline needs at least one lane (one prompt)")
+        if noises is not None and len(noises) != len(prompts):
+            raise ConfigError(f"{len(noises)} noise sources for {len(prompts)} lanes")
+        self.model, self.config, self.pipeline = model, config, pipeline
+        self.dit_config = dit_config or getattr(model, "config", None)
+        self.dtype = dtype or getattr(model, "dtype", None)
+        if self.dit_config is None or self.dtype is None:
+            raise ConfigError("pass dit_config and dtype for a model recipe that does not carry them")
+        self.lanes = [
+            Lane(index, self.dit_config, config, prompt, self.dtype, noises[index] if noises else GaussianNoise(config.seed + index))
+            for index, prompt in enumerate(prompts)
+        ]
+        self.standby: CausalWanDiT | None = None
+        self.layer_costs: LayerCosts | None = None
+        self.split = self._initial_split()
+        self.rebuilds: list[Rebuild] = []
+        self.executor: Executor = self._pipeline_executor(self.split)
+
+    def _initial_split(self) -> tuple[range, ...]:
+        p, layers = self.pipeline, self.dit_config.num_layers
+        if p.layers_per_stage is not None:
+            split = split_from_sizes(p.layers_per_stage, layers)
+        elif p.balance:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(p.threads_per_stage)  # time the layers as the stages will run them
+            try:
+                self.standby = self.model("cpu")
+                self.layer_costs = measure_layer_seconds(self.standby, self.config)
+            finally:
+                torch.set_num_threads(threads)
+            split = balanced_split(self.layer_costs, p.stages)
+        else:
+            split = even_split(layers, p.stages)
+        if p.standby and self.standby is None:
+            self.standby = self.model("cpu")
+        return split
+
+    def _pipeline_executor(self, split: tuple[range, ...]) -> Executor:
+        p = self.pipeline
+        return PipelineExecutor(
+            self.model, self.config, len(self.lanes), split, backend=p.backend, addr=p.addr, port=p.port,
+            threads=p.threads_per_stage, devices=p.devices[: len(split)] if p.devices else None,
+            start_timeout_s=p.start_timeout_s, stage_timeout_s=p.stage_timeout_s,
+        )
+
+    # controls, per lane; applied at that lane's next chunk boundary
+    def set_prompt(self, lane: int, prompt: Tensor, policy: SwitchPolicy | None = None) -> None:
+        self.lanes[lane].set_prompt(prompt, policy)
+
+    def set_action(self, lane: int, actions: int | Tensor) -> None:
+        self.lanes[lane].set_action(actions)
+
+    def reset(self, lane: int) -> None:
+        self.lanes[lane].reset()
+
+    # the orchestration loop
+    def chunks(self) -> Iterator[LaneChunk]:
+        """Chunks of all lanes as they complete, forever. A lane's next chunk starts (and takes its controls) when
+        the consumer asks for the next item after that lane's previous chunk."""
+        programs: dict[int, Program] = {}
+        waiting: deque[int] = deque()  # lanes whose output is due, in submission order
+        finished: deque[LaneChunk] = deque()
+
+        def advance(lane: int, value: Tensor | None) -> None:
+            program = programs[lane]
+            try:
+                packet = program.send(value)
+                while True:
+                    self.executor.submit(packet)
+                    if packet.output:
+                        waiting.append(lane)
+                        return
+                    packet = program.send(None)
+            except StopIteration as stop:
+                del programs[lane]
+                if stop.value is not None:
+                    finished.append(LaneChunk(lane, stop.value))
+
+        def start(lane: int) -> None:
+            programs[lane] = self.lanes[lane].chunk_program()
+            advance(lane, None)
+
+        for lane in range(len(self.lanes)):
+            start(lane)
+        while True:
+            while finished:
+                done = finished.popleft()
+                yield done
+                start(done.lane)
+            lane = waiting.popleft()
+            try:
+                flow = self.executor.result()
+            except StageFailed as error:
+                self._rebuild(error, programs, waiting, advance)
+                continue
+            advance(lane, flow)
+
+    def _rebuild(self, error: StageFailed, programs: dict[int, Program], waiting: deque[int], advance) -> None:
+        """Drop the broken pipeline, build the next one, restore every lane from its last committed chunk, and
+        restart the chunks that were in flight."""
+        detected = time.monotonic()
+        if len(self.rebuilds) >= self.pipeline.max_rebuilds:
+            raise error
+        log.warning("pipeline fault: %s; rebuilding (%s)", error, self.pipeline.on_fault)
+        self.executor.close(graceful=False)
+        in_flight = sorted(programs)
+        for program in programs.values():
+            program.close()
+        programs.clear()
+        waiting.clear()
+        stages = len(self.split) - 1 if self.pipeline.on_fault == "fewer-stages" else 0
+        if stages >= 1:
+            self.split = even_split(self.dit_config.num_layers, stages)
+            self.executor = self._pipeline_executor(self.split)
+        else:
+            self.split = (range(self.dit_config.num_layers),)
+            dit, self.standby = self.standby or self.model("cpu"), None
+            self.executor = LocalExecutor(dit, self.config, len(self.lanes))
+        for lane in self.lanes:
+            programs[lane.index] = lane.restore_program()
+            advance(lane.index, None)
+        for lane in in_flight:
+            programs[lane] = self.lanes[lane].chunk_program()
+            advance(lane, None)
+        self.rebuilds.append(Rebuild(str(error), detected, time.monotonic(), self.executor.describe))
+
+    def close(self) -> None:
+        self.executor.close()
+
+    def __enter__(self) -> PipelineEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,178 @@
+"""The pipeline-parallel orchestrator: bit-exact against StreamEngine over 2 and 3 gloo stage processes (prompt
+switch and actions included), the same split in one process on random configs, and rebuild after a killed stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from framecast.models.config import preset
+from framecast.models.errors import ConfigError
+from framecast.stream.engine import EngineConfig, StreamEngine, SwitchPolicy
+from framecast.stream.executors import LocalExecutor
+from framecast.stream.lane import Lane
+from framecast.stream.model_source import RandomDiT
+from framecast.stream.noise import GaussianNoise
+from framecast.stream.pipeline import PipelineConfig, PipelineEngine
+from tests.stream.test_engine import random_case
+
+MODEL = RandomDiT(preset("tiny", num_layers=3, num_actions=4), torch.float64, seed=0, action_std=1.0)
+CONFIG = EngineConfig(latent_height=2, latent_width=4, window_frames=9, sink_frames=3, context_noise=50)
+CHUNKS = 6  # per lane
+SWITCH_AFTER = 2  # lane 0 switches prompt (recache) after this chunk; lane 1 changes its action
+
+
+def prompt(seed: int, tokens: int = 5) -> torch.Tensor:
+    return torch.randn(1, tokens, MODEL.config.text_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_lanes() -> list[list[torch.Tensor]]:
+    """Each lane as its own single-process StreamEngine (lane i draws noise from seed config.seed + i)."""
+    lanes = []
+    for lane in range(2):
+        engine = StreamEngine(MODEL(), dataclasses.replace(CONFIG, seed=CONFIG.seed + lane), prompt(10 + lane))
+        chunks = []
+        for index, chunk in enumerate(itertools.islice(engine.chunks(), CHUNKS)):
+            chunks.append(chunk.latents)
+            if index == SWITCH_AFTER:
+                engine.set_prompt(prompt(20, tokens=7), SwitchPolicy.RECACHE) if lane == 0 else engine.set_action([1, 3, 2])
+        lanes.append(chunks)
+    return lanes
+
+
+@pytest.fixture(scope="module")
+def expected() -> list[list[torch.Tensor]]:
+    return reference_lanes()
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_pipeline_equals_single_process_engine_per_lane(stages: int, expected) -> None:
+    pipeline = PipelineConfig(stages=stages, start_timeout_s=45, stage_timeout_s=20)
+    with PipelineEngine(MODEL, CONFIG, [prompt(10), prompt(11)], pipeline) as engine:
+        assert [len(layers) for layers in engine.split] in ([[1, 1, 1]] if stages == 3 else [[1, 2], [2, 1]])
+        got: list[list[torch.Tensor]] = [[], []]
+        for item in engine.chunks():
+            assert item.chunk.index == len(got[item.lane])  # in order, per lane
+            got[item.lane].append(item.chunk.latents)
+            if item.chunk.index == SWITCH_AFTER:
+                if item.lane == 0:
+                    engine.set_prompt(0, prompt(20, tokens=7), SwitchPolicy.RECACHE)
+                else:
+                    engine.set_action(1, [1, 3, 2])
+            if min(len(chunks) for chunks in got) == CHUNKS:
+                break
+        assert not engine.rebuilds
+    for lane in range(2):
+        for index in range(CHUNKS):
+            assert torch.equal(got[lane][index], expected[lane][index]), f"lane {lane} chunk {index} differs"
+    assert not torch.equal(expected[0][SWITCH_AFTER + 1], expected[1][SWITCH_AFTER + 1])
+
+
+def run_lane(lane: Lane, executor: LocalExecutor, chunks: int, controls=None) -> list[torch.Tensor]:
+    out = []
+    for index in range(chunks):
+        program, value = lane.chunk_program(), None
+        try:
+            while True:
+                packet = program.send(value)
+                executor.submit(packet)
+                value = executor.result() if packet.output else None
+        except StopIteration as stop:
+            out.append(stop.value.latents)
+        if controls:
+            controls(index)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_any_layer_split_in_one_process_equals_the_engine(seed: int) -> None:
+    """The stage logic without transport, on the engine test's random configs (caches, linear attention, actions,
+    batch 2, context noise), every split of the layers, and a prompt switch of each policy."""
+    dit, config, first = random_case(seed)
+    layers = dit.config.num_layers
+    policy = list(SwitchPolicy)[seed % 3]
+    second = torch.randn_like(first)
+    chunks = 5 if config.cache.value == "rolling" else min(5, config.window_frames // config.chunk_frames)
+
+    def switch(target):
+        return lambda index: target.set_prompt(second, policy) if index == 1 else None
+
+    engine = StreamEngine(dit, config, first, noise=GaussianNoise(seed))
+    expected = run_engine(engine, chunks, switch(engine))
+    for cut in range(1, layers) if layers > 1 else [None]:
+        split = (range(0, cut), range(cut, layers)) if cut else (range(layers),)
+        lane = Lane(0, dit.config, config, first, dit.dtype, GaussianNoise(seed))
+        got = run_lane(lane, LocalExecutor(dit, config, 1, split), chunks, switch(lane))
+        for index, (a, b) in enumerate(zip(expected, got)):
+            assert torch.equal(a, b), f"split {split} chunk {index} differs"
+
+
+def run_engine(engine: StreamEngine, chunks: int, controls) -> list[torch.Tensor]:
+    out = []
+    for index in range(chunks):
+        out.append(engine.next_chunk().latents)
+        controls(index)
+    return out
+
+
+def test_killed_stage_is_replaced_and_the_stream_goes_on_without_gap_or_repeat() -> None:
+    pipeline = PipelineConfig(stages=2, start_timeout_s=45, stage_timeout_s=20)
+    with PipelineEngine(MODEL, CONFIG, [prompt(10), prompt(11)], pipeline) as engine:
+        victim = engine.executor.processes[1]
+        killed_at: list[float] = []
+
+        def kill() -> None:
+            killed_at.append(time.monotonic())
+            os.kill(victim.pid, signal.SIGKILL)
+
+        seen: list[tuple[int, int, float]] = []
+        for item in itertools.islice(engine.chunks(), 24):
+            seen.append((item.lane, item.chunk.index, time.monotonic()))
+            assert torch.isfinite(item.chunk.latents).all()
+            if len(seen) == 7:
+                threading.Timer(0.005, kill).start()  # mid-chunk: the stream is running when the stage dies
+        assert killed_at and not victim.is_alive()
+        assert len(engine.rebuilds) == 1 and engine.rebuilds[0].executor.startswith("local")
+        first_after = min(t for _, _, t in seen if t > killed_at[0])
+        assert first_after - killed_at[0] < 2.0, f"stream stalled {first_after - killed_at[0]:.2f} s"
+        for lane in range(2):
+            indices = [index for seen_lane, index, _ in seen if seen_lane == lane]
+            assert indices == list(range(len(indices))), f"lane {lane}: {indices}"
+        assert min(len([1 for s in seen if s[0] == lane]) for lane in range(2)) >= 10
+
+
+def test_hung_stage_is_detected_by_its_timeout() -> None:
+    pipeline = PipelineConfig(stages=2, start_timeout_s=45, stage_timeout_s=1.5, balance=False)
+    with PipelineEngine(MODEL, CONFIG, [prompt(10)], pipeline) as engine:
+        victim = engine.executor.processes[0]
+        stream = engine.chunks()
+        next(stream)
+        os.kill(victim.pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            indices = [next(stream).chunk.index for _ in range(3)]
+            stalled = time.monotonic() - start
+        finally:
+            if victim.is_alive():
+                os.kill(victim.pid, signal.SIGKILL)
+        assert indices == [1, 2, 3]
+        assert len(engine.rebuilds) == 1 and "no answer in time" in engine.rebuilds[0].error
+        assert 1.5 <= stalled < 1.5 + 5
+
+
+def test_pipeline_config_errors_name_the_value() -> None:
+    with pytest.raises(ConfigError, match="stages=0"):
+        PipelineConfig(stages=0)
+    with pytest.raises(ConfigError, match="one entry per stage"):
+        PipelineConfig(stages=2, layers_per_stage=(3,))
+    with pytest.raises(ConfigError, match="on_fault='restart'"):
+        PipelineConfig(on_fault="restart")
+    with pytest.raises(ConfigError, match="add up to num_layers=3"):
+        PipelineEngine(MODEL, CONFIG, [prompt(1)], PipelineConfig(stages=2, layers_per_stage=(1, 1), standby=False))
