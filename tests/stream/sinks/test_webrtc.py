@@ -27,13 +27,14 @@ from framecast.stream.whep_client import WhepError, WhepPlayer, whep_url
 from tests.stream.test_server import TOKEN, make_session, one_torch_thread  # noqa: F401 (a fixture)
 
 TICKS_PER_FRAME = 5625  # 90 kHz at 16 fps
+RATE_FPS = 64  # frames per wall second in the rate test (16 fps, 4x): a pace this 2-core machine keeps with VP8
 
 
-def serve(test, **app_options) -> None:
+def serve(test, session_options: dict | None = None, **app_options) -> None:
     """Run `await test(server, base_url, session, whep)` against a live server; afterwards every peer is gone."""
 
     async def main() -> None:
-        session = make_session()
+        session = make_session(**(session_options or {}))
         server = TestServer(create_app(session, **app_options), host="127.0.0.1", port=0)
         await server.start_server()
         whep: WhepEndpoint = server.app[WHEP_KEY]
@@ -77,8 +78,8 @@ def test_a_player_receives_the_frames_at_the_sessions_rate_with_increasing_pts()
             await asyncio.sleep(1.5)
             received, sent = player.frames_received - received, session.frames.published - sent
             elapsed = time.monotonic() - start
-            assert sent / elapsed > 0.5 * 16 * 16  # the session ran at (about) 16 fps x 16
-            assert received >= 0.8 * sent, f"received {received} of {sent} frames"
+            assert 0.8 * RATE_FPS < sent / elapsed < 1.1 * RATE_FPS, f"the session sent {sent / elapsed:.0f} fps"
+            assert 0.9 * sent <= received <= sent + 4, f"received {received} of {sent} frames"  # the player kept up
             steps = np.diff(player.pts)
             assert (steps > 0).all() and (steps % TICKS_PER_FRAME == 0).all()  # gaps only where frames were dropped
             rgb = player.last_frame
@@ -88,7 +89,7 @@ def test_a_player_receives_the_frames_at_the_sessions_rate_with_increasing_pts()
             errors = [np.abs(rgb.astype(int) - frame.rgb.astype(int)).mean() for frame in recent]
             assert min(errors) < 12, f"mean abs error to the nearest sent frame: {min(errors):.1f}"
 
-    serve(test)
+    serve(test, session_options={"speed": RATE_FPS / 16})
 
 
 def test_controls_on_the_data_channel_are_acknowledged_and_refused_without_the_token() -> None:
@@ -158,8 +159,8 @@ def test_a_peer_that_never_connects_is_ended_after_the_connect_timeout(caplog) -
                     assert r.status == 201 and r.headers["Content-Type"] == SDP_CONTENT_TYPE
                     assert r.headers["Location"].startswith("/whep/") and "a=end-of-candidates" in await r.text()
                 assert len(whep.peers) == 1 and session.frames.viewers == 0  # not a viewer until connected
-                await until(lambda: not whep.peers, timeout_s=3, what="the unconnected peer's cleanup")
-                assert "ended: not connected after 0.5 s" in caplog.text
+                await until(lambda: not whep.peers and "ended: not connected after 0.5 s" in caplog.text,
+                            timeout_s=3, what="the unconnected peer's cleanup")
                 async with http.delete(f"{base}{r.headers['Location']}") as response:
                     assert response.status == 404
         finally:
