@@ -1,0 +1,303 @@
+"""Benchmark of the pipeline-parallel orchestrator on this CPU: 1 process with 1 thread vs 2 stage processes with
+1 thread each.
+
+    python benchmarks/pipeline.py            # full run (about 3 minutes on a 2-core CPU)
+    python benchmarks/pipeline.py --quick    # smoke run; writes *-quick.* result files
+
+What it measures (random weights; timings do not depend on the weights' values):
+
+- baseline: `StreamEngine` in this process with `torch.set_num_threads(1)`;
+- `PipelineEngine` with 2 stage processes (gloo over loopback, 1 torch thread each, layers balanced from measured
+  per-layer times) and 1, 2 (and 3) lanes. Lanes are independent streams; each lane's chunks equal a single-process
+  engine's bit for bit (checked here in the benchmark dtype for lane 0 against the baseline's chunks).
+
+Throughput is latent chunks per second over the measured window (after warm-up), all lanes together. Single-stream
+speedup = pipeline with 1 lane / baseline; lanes speedup = pipeline with L lanes / baseline; efficiency = speedup / 2
+(goal >= 85 % of 2x with 2 lanes). Conditions are interleaved in --rounds rounds so that the load other processes put
+on this shared machine spreads over all of them; the median round is reported, and the CPU time other processes used
+during each window ("foreign CPU", % of all cores) is recorded.
+
+Results: results/pipeline-cpu.json, results/pipeline-cpu.md and results/pipeline-cpu.png, with the machine named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import itertools
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from framecast.models.config import preset
+from framecast.models.dit import parameter_count
+from framecast.stream.engine import EngineConfig, StreamEngine
+from framecast.stream.model_source import RandomDiT
+from framecast.stream.pipeline import PipelineConfig, PipelineEngine
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+EFFICIENCY_GOAL = 0.85
+STAGES = 2
+
+
+@dataclass(frozen=True)
+class Settings:
+    preset: str = "small"
+    height_px: int = 128
+    width_px: int = 128
+    chunk_frames: int = 3
+    steps: tuple[int, ...] = (1000, 750, 500, 250)
+    window_frames: int = 12
+    sink_frames: int = 3
+    dtype: str = "bfloat16"
+    lanes: tuple[int, ...] = (1, 2, 3)
+    warmup_chunks: int = 3  # per lane
+    measured_chunks: int = 12  # per lane
+    rounds: int = 2
+    seed: int = 0
+    quick: bool = False
+
+    def quick_version(self) -> Settings:
+        return dataclasses.replace(self, lanes=(1, 2), warmup_chunks=2, measured_chunks=4, rounds=1, quick=True)
+
+
+def machine_info() -> dict:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    return {
+        "cpu_model": found.group(1).strip() if found else platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+class ForeignLoad:
+    """CPU time other processes took while the block ran, in % of all cores (this process and its children are
+    excluded, live stage workers included)."""
+
+    def __enter__(self) -> ForeignLoad:
+        self.start = (time.perf_counter(), self._busy(), self._own())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall, busy, own = (now - then for now, then in zip((time.perf_counter(), self._busy(), self._own()), self.start))
+        self.percent = max(0.0, (busy - own) / (wall * (os.cpu_count() or 1)) * 100)
+
+    @staticmethod
+    def _busy() -> float:
+        times = psutil.cpu_times()
+        return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+    @staticmethod
+    def _own() -> float:
+        me = psutil.Process()
+        total = sum(me.cpu_times()[:2])
+        for child in me.children(recursive=True):
+            try:
+                total += sum(child.cpu_times()[:2])
+            except psutil.Error:
+                pass
+        return total
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(
+        latent_height=settings.height_px // 8, latent_width=settings.width_px // 8, chunk_frames=settings.chunk_frames,
+        denoising_steps=settings.steps, window_frames=settings.window_frames, sink_frames=settings.sink_frames,
+        seed=settings.seed,
+    )
+
+
+def prompts(model: RandomDiT, lanes: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(1, model.config.text_len, model.config.text_dim, generator=generator) for _ in range(lanes)]
+
+
+def run_single(model: RandomDiT, settings: Settings) -> dict:
+    """The baseline: one process, one torch thread."""
+    engine = StreamEngine(model(), engine_config(settings), prompts(model, 1)[0])
+    stream = engine.chunks()
+    chunks = [next(stream).latents for _ in range(settings.warmup_chunks)]  # kept for the bit-exactness check
+    seconds = []
+    with ForeignLoad() as load:
+        start = time.perf_counter()
+        for _ in tqdm(range(settings.measured_chunks), desc="single process", leave=False):
+            chunk = next(stream)
+            chunks.append(chunk.latents)
+            seconds.append(chunk.seconds)
+        wall = time.perf_counter() - start
+    return {
+        "condition": "single", "lanes": 1, "chunks": settings.measured_chunks, "wall_s": wall,
+        "chunks_per_s": settings.measured_chunks / wall, "chunk_median_ms": 1000 * statistics.median(seconds),
+        "foreign_cpu_percent": round(load.percent, 1), "_latents": chunks,
+    }
+
+
+def run_pipeline(model: RandomDiT, settings: Settings, lanes: int) -> dict:
+    pipeline = PipelineConfig(stages=STAGES, threads_per_stage=1, balance=True, stage_timeout_s=120)
+    started = time.perf_counter()
+    with PipelineEngine(model, engine_config(settings), prompts(model, lanes), pipeline) as engine:
+        startup = time.perf_counter() - started
+        stream = engine.chunks()
+        lane0 = [item.chunk.latents for item in itertools.islice(stream, settings.warmup_chunks * lanes) if item.lane == 0]
+        with ForeignLoad() as load:
+            start = time.perf_counter()
+            for item in tqdm(itertools.islice(stream, settings.measured_chunks * lanes), total=settings.measured_chunks * lanes,
+                             desc=f"pipeline, {lanes} lane(s)", leave=False):
+                if item.lane == 0:
+                    lane0.append(item.chunk.latents)
+            wall = time.perf_counter() - start
+        costs = engine.layer_costs
+        split = [(r.start, r.stop) for r in engine.split]
+        stage_ms = [1000 * s for s in costs.stage_seconds(engine.split)] if costs else None
+        assert not engine.rebuilds, engine.rebuilds
+    count = settings.measured_chunks * lanes
+    return {
+        "condition": f"pipeline x{lanes}", "lanes": lanes, "chunks": count, "wall_s": wall, "chunks_per_s": count / wall,
+        "startup_s": startup, "split": split, "stage_call_ms_measured": stage_ms,
+        "layer_costs_ms": {"embed": 1000 * costs.embed, "blocks": [1000 * b for b in costs.blocks], "head": 1000 * costs.head} if costs else None,
+        "foreign_cpu_percent": round(load.percent, 1), "_latents": lane0,
+    }
+
+
+def summarise(runs: list[dict], settings: Settings) -> list[dict]:
+    conditions = ["single"] + [f"pipeline x{lanes}" for lanes in settings.lanes]
+    rows = []
+    base = statistics.median(r["chunks_per_s"] for r in runs if r["condition"] == "single")
+    for condition in conditions:
+        mine = [r for r in runs if r["condition"] == condition]
+        throughput = statistics.median(r["chunks_per_s"] for r in mine)
+        speedup = throughput / base
+        rows.append({
+            "condition": condition, "lanes": mine[0]["lanes"], "chunks_per_s": round(throughput, 3),
+            "latent_fps": round(throughput * settings.chunk_frames, 2), "speedup": round(speedup, 3),
+            "efficiency_vs_2x": round(speedup / STAGES, 3) if condition != "single" else None,
+            "per_round_chunks_per_s": [round(r["chunks_per_s"], 3) for r in mine],
+            "foreign_cpu_percent": [r["foreign_cpu_percent"] for r in mine],
+        })
+    return rows
+
+
+def write_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    names = [row["condition"] for row in rows]
+    axis.bar(names, [row["speedup"] for row in rows], color=["#888"] + ["#3a7"] * (len(rows) - 1))
+    axis.axhline(STAGES, color="#c33", linestyle="--", label=f"{STAGES}x (2 stages, ideal)")
+    axis.axhline(STAGES * EFFICIENCY_GOAL, color="#e90", linestyle=":", label=f"goal: {EFFICIENCY_GOAL:.0%} of {STAGES}x")
+    for index, row in enumerate(rows):
+        axis.text(index, row["speedup"] + 0.03, f"{row['speedup']:.2f}x", ha="center")
+    axis.set_ylabel("throughput / single process (1 thread)")
+    axis.set_title("Pipeline-parallel DiT on 2 CPU cores (2 stages, 1 thread each)")
+    axis.legend(loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def report(rows: list[dict], runs: list[dict], settings: Settings, info: dict, exact: dict, command: str) -> str:
+    pipeline_runs = [r for r in runs if r["condition"] != "single"]
+    first = pipeline_runs[0]
+    lines = [
+        "# FrameCast pipeline-parallel benchmark (CPU)", "",
+        f"- date: {info['date']}",
+        f"- command: `{command}`",
+        f"- machine: {info['cpu_model']}, {info['cpu_count']} cores, {info['memory_gib']} GiB, {info['platform']}, "
+        f"python {info['python']}, torch {info['torch']}, commit {info['commit']}",
+        f"- load average at start / end: {info['load_avg_start']} / {info.get('load_avg_end')}",
+        f"- model: preset `{settings.preset}` ({parameter_count(preset(settings.preset)) / 1e6:.1f}M params, random weights), "
+        f"{settings.dtype}; stream {settings.height_px}x{settings.width_px} px (latent {settings.height_px // 8}x"
+        f"{settings.width_px // 8}), chunks of {settings.chunk_frames} latent frames, steps {list(settings.steps)}, rolling "
+        f"KV cache {settings.window_frames} frames with {settings.sink_frames} sinks",
+        f"- baseline: `StreamEngine`, 1 process, 1 torch thread; pipeline: {STAGES} stage processes (gloo over "
+        f"loopback), 1 torch thread each, orchestrator in this process; split {first['split']} (layers [start, stop) "
+        f"per stage, balanced from measured per-layer times: stage call {['%.1f ms' % t for t in first['stage_call_ms_measured']]})",
+        f"- {settings.warmup_chunks} warm-up + {settings.measured_chunks} measured chunks per lane; {settings.rounds} "
+        "interleaved round(s), median round reported",
+        f"- bit-exact (`torch.equal`, {settings.dtype}) lane 0 of the pipeline vs the single-process engine: {exact}", "",
+        "| condition | lanes | chunks/s | latent FPS | speedup | efficiency vs 2x | per round (chunks/s) | foreign CPU (%) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        efficiency = "" if row["efficiency_vs_2x"] is None else f"{100 * row['efficiency_vs_2x']:.1f}%"
+        lines.append(
+            f"| {row['condition']} | {row['lanes']} | {row['chunks_per_s']:.3f} | {row['latent_fps']:.2f} | "
+            f"{row['speedup']:.3f} | {efficiency} | {row['per_round_chunks_per_s']} | {row['foreign_cpu_percent']} |"
+        )
+    lines += ["", f"Goal: >= {EFFICIENCY_GOAL:.0%} of {STAGES}x with 2 lanes.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run; writes *-quick.* files")
+    parser.add_argument("--preset", default=Settings.preset)
+    parser.add_argument("--size", type=int, default=Settings.height_px, help="frame height and width in px")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=Settings.dtype)
+    parser.add_argument("--rounds", type=int, default=Settings.rounds)
+    parser.add_argument("--chunks", type=int, default=Settings.measured_chunks, help="measured chunks per lane")
+    parser.add_argument("--nice", type=int, default=-10, help="niceness for this process and its stages (where allowed)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    settings = Settings(preset=args.preset, height_px=args.size, width_px=args.size, dtype=args.dtype, rounds=args.rounds,
+                        measured_chunks=args.chunks)
+    if args.quick:
+        settings = settings.quick_version()
+    try:
+        os.nice(args.nice)
+    except OSError:
+        pass
+    torch.set_num_threads(1)
+    info = machine_info()
+    model = RandomDiT(preset(settings.preset), DTYPES[settings.dtype], seed=settings.seed)
+    runs, exact = [], {}
+    for round_index in range(settings.rounds):
+        single = run_single(model, settings)
+        runs.append(single)
+        for lanes in settings.lanes:
+            run = run_pipeline(model, settings, lanes)
+            same = all(torch.equal(a, b) for a, b in zip(run["_latents"], single["_latents"]))
+            exact[f"x{lanes}"] = exact.get(f"x{lanes}", True) and same
+            runs.append(run)
+            print(f"round {round_index}: {run['condition']} {run['chunks_per_s']:.3f} chunks/s vs single "
+                  f"{single['chunks_per_s']:.3f} (foreign CPU {run['foreign_cpu_percent']}%)", flush=True)
+    info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    rows = summarise(runs, settings)
+    suffix = "-quick" if settings.quick else ""
+    args.out.mkdir(parents=True, exist_ok=True)
+    clean_runs = [{k: v for k, v in run.items() if not k.startswith("_")} for run in runs]
+    command = "python benchmarks/pipeline.py" + (" --quick" if args.quick else "")
+    (args.out / f"pipeline-cpu{suffix}.json").write_text(json.dumps(
+        {"machine": info, "settings": dataclasses.asdict(settings), "summary": rows, "runs": clean_runs, "bit_exact": exact},
+        indent=2))
+    text = report(rows, clean_runs, settings, info, exact, command)
+    (args.out / f"pipeline-cpu{suffix}.md").write_text(text)
+    write_plot(rows, args.out / f"pipeline-cpu{suffix}.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
