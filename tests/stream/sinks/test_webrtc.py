@@ -1,6 +1,6 @@
 """WebRTC output with WHEP signalling, end to end on 127.0.0.1: a real session (tiny DiT, random weights, preview
-decoder, 64x64 px, 16 fps run 16x faster than real time), the real server, and aiortc peers (WhepPlayer) that
-connect over loopback only, as in CI's network namespace."""
+decoder, 64x64 px, 16 fps run faster than real time), the real server, and aiortc peers (WhepPlayer) or Chromium,
+connected over loopback only, as in CI's network namespace."""
 
 from __future__ import annotations
 
@@ -123,10 +123,15 @@ def test_controls_on_the_data_channel_are_acknowledged_and_refused_without_the_t
 
 def test_delete_ends_the_peer_and_a_vanished_peer_is_cleaned_up() -> None:
     async def test(server, base, session, whep) -> None:
+        def hello(message: dict) -> bool:
+            return message["type"] == "hello"
+
         async with WhepPlayer(base) as stayer:
+            await stayer.wait_message(hello)
             first = WhepPlayer(base)
             async with first:
                 await first.wait_frames(3)
+                await first.wait_message(hello)
                 resource = first.resource_url
                 assert session.frames.viewers == 2 and session.events.viewers == 2
             assert session.frames.viewers == 1 and session.events.viewers == 1 and len(whep.peers) == 1
@@ -137,8 +142,11 @@ def test_delete_ends_the_peer_and_a_vanished_peer_is_cleaned_up() -> None:
             vanishing = WhepPlayer(base)
             await vanishing.__aenter__()
             await vanishing.wait_frames(3)
+            await vanishing.wait_message(hello)
+            assert session.frames.viewers == 2 and session.events.viewers == 2
             await vanishing.close(delete=False)  # the page crashed: no DELETE, the connection just closes
-            await until(lambda: session.frames.viewers == 1 and len(whep.peers) == 1, what="vanished peer cleanup")
+            await until(lambda: (session.frames.viewers, session.events.viewers, len(whep.peers)) == (1, 1, 1),
+                        what="vanished peer cleanup")
             await stayer.wait_frames(stayer.frames_received + 20)
             with pytest.raises(SessionClosed, match="connection is closed"):
                 await vanishing.wait_frames(10_000, timeout_s=1)
