@@ -656,11 +656,14 @@ def report(data: dict) -> str:
                                                     f"{w['foreign_cpu_cores']:.2f}"]
         lines.append(f"| {cycle} | " + " | ".join(cells) + " |")
     quiet = data["quiet"]
-    lines += ["", f"Quiet windows only (foreign CPU < {quiet['foreign_max_cores']} cores): "
-              + ", ".join(f"{k}: {quiet[k]['windows']} windows, {quiet[k]['full_step_chunks']} chunks, cost "
-                          f"{fmt(quiet[k]['cost_s']['mean'], 1000)} ms" for k in ("a", "b", "c"))
-              + f"; slowdown b {fmt(quiet['b'].get('slowdown'), 1, 3)} ({ci(quiet['b'])}), c "
-              f"{fmt(quiet['c'].get('slowdown'), 1, 3)} ({ci(quiet['c'])})."]
+    if any(quiet[k]["windows"] for k in ("a", "b", "c")):
+        lines += ["", f"Quiet windows only (foreign CPU < {quiet['foreign_max_cores']} cores): "
+                  + ", ".join(f"{k}: {quiet[k]['windows']} windows, {quiet[k]['full_step_chunks']} chunks, cost "
+                              f"{fmt(quiet[k]['cost_s']['mean'], 1000)} ms" for k in ("a", "b", "c"))
+                  + f"; slowdown b {fmt(quiet['b'].get('slowdown'), 1, 3)} ({ci(quiet['b'])}), c "
+                  f"{fmt(quiet['c'].get('slowdown'), 1, 3)} ({ci(quiet['c'])})."]
+    else:
+        lines += ["", f"No window was quiet (foreign CPU < {quiet['foreign_max_cores']} cores throughout)."]
     lines += ["", "Cost is taken over full-step chunks only (a degraded chunk cannot make a phase look cheaper). "
               "Foreign CPU: what other processes on the machine used meanwhile (the machine is shared).", "",
               "## Viewers", "",
