@@ -296,7 +296,8 @@ def test_chromium_plays_vp8_and_h264_and_steers_over_the_data_channel() -> None:
     from playwright.async_api import async_playwright
 
     # Chromium names its host candidates by mDNS unless told not to, and a loopback-only namespace has no mDNS
-    flags = [*CHROMIUM_FLAGS, "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns"]
+    needed = ["--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns"]
+    flags = list(dict.fromkeys([*CHROMIUM_FLAGS, *needed]))
 
     async def test(server, base, session, whep) -> None:
         async with async_playwright() as playwright:
