@@ -66,6 +66,7 @@ TOKEN = "bench-token"
 FRAME_HEADER = struct.Struct("<BBHHIQI")  # stream/sinks/websocket.py: version, format, w, h, index, pts, dropped
 SLOWDOWN_GOAL = 1.05
 ISOLATION_GOAL = 0.95
+PIN = os.environ.get("FRAMECAST_BENCH_PIN") == "1"  # set in the server child by --pin
 QUIET_FOREIGN_CORES = 0.25  # a window is "quiet" when other processes used less CPU than this meanwhile
 
 
@@ -89,7 +90,12 @@ def server_child(serve_argv: list[str]) -> int:
         plan, observe = scheduler.plan, scheduler.observe
         started: list[tuple[float, float, float]] = []  # the generation thread at plan(): wall, CPU, run-queue wait
 
+        pinned = []
+
         def planned(*args, **kwargs):  # the producer plans each chunk right before making it (no pipelining)
+            if PIN and not pinned:  # the --pin experiment: the generation thread alone on core 0
+                os.sched_setaffinity(0, {0})
+                pinned.append(True)
             started[:] = [(time.monotonic(), *thread_schedstat())]
             return plan(*args, **kwargs)
 
@@ -133,6 +139,8 @@ def server_child(serve_argv: list[str]) -> int:
 
     server_module.run_server = run_server
     zero_rtp_timestamp_origin()
+    if PIN:  # the --pin experiment: every thread of this process but the generation thread on core 1
+        os.sched_setaffinity(0, {1})  # threads started from here on inherit it
     if os.environ.get("FRAMECAST_BENCH_SWITCH_INTERVAL"):  # the --switch-interval experiment
         sys.setswitchinterval(float(os.environ["FRAMECAST_BENCH_SWITCH_INTERVAL"]))
     return cli.main(serve_argv)
@@ -482,6 +490,9 @@ class Bench:
                       "--output-scale", str(args.output_scale), "--latency-budget", str(args.budget),
                       *args.serve_arg]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        if args.pin:
+            env["FRAMECAST_BENCH_PIN"] = "1"
+            os.sched_setaffinity(0, {1})  # the viewers too: core 0 is the generation thread's
         if args.switch_interval is not None:
             env["FRAMECAST_BENCH_SWITCH_INTERVAL"] = str(args.switch_interval)
         server = subprocess.Popen([sys.executable, __file__, "--server-child", *serve_argv], env=env,
@@ -578,6 +589,7 @@ def results(phases: dict, args: argparse.Namespace, bench: Bench) -> dict:
                      "latency_budget_s": bench.budget, "cycles": args.cycles, "seconds": args.seconds,
                      "settle_s": args.settle, "ws_viewers": args.ws_viewers, "webrtc_viewer": bench.use_webrtc,
                      "full_steps": bench.full_steps, "switch_interval_s": args.switch_interval, "nice": args.nice,
+                     "pin": args.pin,
                      "autogroup": autogroup()},
         "goals": {"slowdown_max": SLOWDOWN_GOAL, "isolation_min": ISOLATION_GOAL},
         "phases": phases,
@@ -614,7 +626,9 @@ def report(data: dict) -> str:
         f"torch {m['torch']}, Python {m['python']}, commit {m['commit']}, {m['date']}",
         f"- server: `{s['serve']}` in a child process (the CLI's own parser and session builder; a /bench route "
         "added" + (f"; sys.setswitchinterval({s['switch_interval_s']}) in the server: an experiment"
-                   if s.get("switch_interval_s") is not None else "") + "); viewers in the parent process",
+                   if s.get("switch_interval_s") is not None else "")
+        + ("; experiment --pin: generation thread alone on core 0, all other threads on core 1" if s.get("pin") else "")
+        + "); viewers in the parent process",
         f"- both processes run at niceness {s['nice']} in their own scheduling autogroup ({s['autogroup']}); what "
         "other processes on this shared machine used anyway is measured per window as 'foreign CPU'",
         f"- stream: tiny preset (random weights) at 128x128 px, enlarged to {s['output_px']}x{s['output_px']}, "
@@ -720,7 +734,18 @@ def plot(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     p = data["phases"]
-    figure, (fps_axes, cdf_axes) = plt.subplots(1, 2, figsize=(13, 4.5))
+    figure, (cost_axes, fps_axes, cdf_axes) = plt.subplots(1, 3, figsize=(18, 4.8),
+                                                           gridspec_kw={"width_ratios": [0.6, 1.2, 1]})
+    bottom = [0.0, 0.0, 0.0]
+    labels = {"a": "a: none", "b": "b: viewers", "c": "c: + slow"}
+    for part, name in (("thread_cpu_s_mean", "running"), ("runq_s_mean", "waiting for a core"),
+                       ("blocked_s_mean", "blocked (GIL)")):
+        heights = [1000 * (p[k][part] or 0.0) for k in ("a", "b", "c")]
+        cost_axes.bar([labels[k] for k in ("a", "b", "c")], heights, bottom=bottom, label=name)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    cost_axes.set_ylabel("generation thread, ms per chunk")
+    cost_axes.set_title("producer cost per chunk")
+    cost_axes.legend(fontsize=8)
     names = [v["name"] for v in p["c"]["viewers"]]
     fps_b = {v["name"]: v["fps"] for v in p["b"]["viewers"]}
     fps_c = {v["name"]: v["fps"] for v in p["c"]["viewers"]}
@@ -760,6 +785,8 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=2.0, help="seconds before each window (default 2)")
     parser.add_argument("--nice", type=int, default=-10, help="niceness of the server and the viewers (default -10 "
                         "where allowed: other processes on a shared machine then disturb the measurement less)")
+    parser.add_argument("--pin", action="store_true", help="experiment: the server's generation thread alone on "
+                        "core 0, every other thread of the server and the viewers on core 1")
     parser.add_argument("--switch-interval", type=float, help="experiment: sys.setswitchinterval in the server "
                         "(Python's default is 0.005 s), to see how much of a slowdown is GIL hand-over")
     parser.add_argument("--fps", type=int, default=30)
