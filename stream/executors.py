@@ -28,6 +28,7 @@ from framecast.stream.wire import Kind, Packet, StageFailed, free_port, open_gro
 class Executor(Protocol):
     def submit(self, packet: Packet) -> None: ...  # non-blocking where the executor can be
     def result(self) -> Tensor: ...  # the next output, in submission order; raises StageFailed
+    stage_busy_s: list[float]  # seconds each stage has computed, as of the newest output
     def close(self, graceful: bool = True) -> None: ...
 
     @property
@@ -40,11 +41,13 @@ class LocalExecutor:
     def __init__(self, dit: CausalWanDiT, config: EngineConfig, lanes: int, split: Sequence[range] | None = None) -> None:
         split = tuple(split) if split else (range(dit.config.num_layers),)
         self.stages = [Stage(dit, spec, config, lanes, own_model=False) for spec in stage_specs(split)]
+        self.stage_busy_s = [0.0] * len(self.stages)
         self._outputs: deque[Tensor] = deque()
 
     def submit(self, packet: Packet) -> None:
         for stage in self.stages:
             packet = stage.run(packet)
+        self.stage_busy_s = [stage.busy_s for stage in self.stages]
         if packet.output:
             self._outputs.append(packet.tensors[0])
 
@@ -94,6 +97,7 @@ class PipelineExecutor:
             process.start()
             self.processes.append(process)
         self.specs = specs
+        self.stage_busy_s = [0.0] * len(specs)  # each stage's compute seconds, as of the newest output
         self._closed = False
         self._results: queue.Queue = queue.Queue()
         try:
@@ -112,7 +116,8 @@ class PipelineExecutor:
         except BaseException:
             self.close()
             raise
-        threading.Thread(target=self._receive, daemon=True, name="pipeline results").start()
+        self._receiver = threading.Thread(target=self._receive, daemon=True, name="pipeline results")
+        self._receiver.start()
 
     def _receive(self) -> None:
         """Receiver thread: the last stage's outputs into a queue, until the group breaks."""
@@ -141,6 +146,7 @@ class PipelineExecutor:
             dead = self.dead_stages()
             detail = f"stage(s) {dead} died (exit codes {[self.processes[i].exitcode for i in dead]})" if dead else str(error)
             raise StageFailed(f"pipeline of {len(self.specs)} stages failed: {detail}") from error
+        self.stage_busy_s = [us / 1e6 for us in packet.busy_us[: len(self.specs)]]
         return packet.tensors[0]
 
     def close(self, graceful: bool = True) -> None:
@@ -159,6 +165,10 @@ class PipelineExecutor:
             if process.is_alive():
                 process.kill()
                 process.join(1.0)
+        # the receiver's wait fails once the stages are gone; a thread still inside gloo when the interpreter exits
+        # would abort the process
+        if getattr(self, "_receiver", None) is not None:
+            self._receiver.join(2.0)
 
     @property
     def describe(self) -> str:

@@ -157,6 +157,12 @@ class PipelineEngine:
             start_timeout_s=p.start_timeout_s, stage_timeout_s=p.stage_timeout_s,
         )
 
+    @property
+    def stage_busy_seconds(self) -> list[float]:
+        """Compute seconds of each stage of the current executor so far (as of the newest output): busy / wall is a
+        stage's utilisation, and unequal busy times show an unbalanced split."""
+        return list(self.executor.stage_busy_s)
+
     # controls, per lane; applied at that lane's next chunk boundary
     def set_prompt(self, lane: int, prompt: Tensor, policy: SwitchPolicy | None = None) -> None:
         self.lanes[lane].set_prompt(prompt, policy)

@@ -9,6 +9,7 @@ onto it), so the KV cache of a layer lives where the layer runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from time import perf_counter
 from typing import NamedTuple
 
 import torch
@@ -121,11 +122,13 @@ class Stage:
         self.lanes = [
             _LaneState(layer_memory(dit.config, config, spec.layers, dit.dtype, dit.device)) for _ in range(lanes)
         ]
+        self.busy_s = 0.0  # seconds spent in run(), reported downstream in every packet
 
     @torch.inference_mode()
     def run(self, packet: Packet) -> Packet:
         """Apply the packet's controls and memory operations, run this stage's share of the call, and return the
         packet for the next stage (from the last stage: tensors = (flow,) when an output was asked for)."""
+        start = perf_counter()
         dit, spec, lane = self.dit, self.spec, self.lanes[packet.lane]
         if packet.reset:
             lane.memory.reset()
@@ -154,4 +157,9 @@ class Stage:
                 tensors = (dit.finish(x, time, grid),)
         if packet.commit:
             lane.memory.commit()
-        return replace(packet, text=None if spec.is_last else text_out, tensors=tensors, actions=False)
+        if dit.device.type == "cuda":
+            torch.cuda.synchronize(dit.device)  # busy time is compute time, not launch time
+        self.busy_s += perf_counter() - start
+        busy = list(packet.busy_us) + [0] * (spec.count - len(packet.busy_us))
+        busy[spec.index] = round(self.busy_s * 1e6)
+        return replace(packet, text=None if spec.is_last else text_out, tensors=tensors, actions=False, busy_us=tuple(busy))

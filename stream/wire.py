@@ -5,8 +5,8 @@ controls travel with the chunk they apply to: `reset` and a new prompt (`text`) 
 `begin` (chunk or recache) plans the frames in flight, `commit` makes them context after the call.
 
 On the wire a packet is a fixed-size int64 header (kind, lane, flags, frames, then dtype and shape of each tensor)
-followed by its tensors, each a plain send of a contiguous buffer. Sends are non-blocking (`isend`): a stage hands its
-output on and goes back to receiving, so no rank ever waits for a busy neighbour to post a receive. Groups are
+followed by its tensors' bytes, cut into fixed-size frames that the receiver has posted receives for in advance (see
+`Group`). Sends are non-blocking (`isend`): a stage hands its output on and goes back to receiving. Groups are
 built from a TCPStore and a process-group object (not the process-wide default group), so an orchestrator can drop a
 broken group after a fault and build another; gloo on CPUs, NCCL on GPUs.
 """
@@ -31,10 +31,11 @@ from torch import Tensor
 from framecast.models.errors import ConfigError, FrameCastError, ShapeError
 
 HEADER_SLOTS = 64
+MAX_STAGES = 8  # the header's last slots: each stage's busy microseconds so far
 _MAX_DIMS = 6
 _TENSOR_SLOTS = 2 + _MAX_DIMS  # dtype code, ndim, dims
 _FIXED = 5  # kind, lane, flags, frames, tensor count
-MAX_TENSORS = (HEADER_SLOTS - _FIXED) // _TENSOR_SLOTS
+MAX_TENSORS = (HEADER_SLOTS - MAX_STAGES - _FIXED) // _TENSOR_SLOTS
 T = TypeVar("T")
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64)
 
@@ -76,6 +77,7 @@ class Packet:
     output: bool = False  # the last stage returns the flow to the orchestrator
     actions: bool = False  # tensors carry actions (first stage only)
     kind: Kind = Kind.CALL
+    busy_us: tuple[int, ...] = ()  # microseconds each stage has computed so far (stages fill in their own)
 
     def header(self, device: torch.device | str = "cpu") -> Tensor:
         payload = ([self.text] if self.text is not None else []) + list(self.tensors)
@@ -89,7 +91,10 @@ class Packet:
                 raise ShapeError(f"tensor of {tensor.ndim} dims; packets carry at most {_MAX_DIMS}")
             dims = list(tensor.shape) + [0] * (_MAX_DIMS - tensor.ndim)
             slots += [DTYPES.index(tensor.dtype), tensor.ndim, *dims]
-        slots += [0] * (HEADER_SLOTS - len(slots))
+        if len(self.busy_us) > MAX_STAGES:
+            raise ShapeError(f"a pipeline has at most {MAX_STAGES} stages, not {len(self.busy_us)}")
+        slots += [0] * (HEADER_SLOTS - MAX_STAGES - len(slots))
+        slots += list(self.busy_us) + [0] * (MAX_STAGES - len(self.busy_us))
         return torch.tensor(slots, dtype=torch.int64, device=device)
 
     @staticmethod
@@ -105,6 +110,7 @@ class Packet:
         fields = dict(
             kind=Kind(kind), lane=lane, reset=bool(flags & _RESET), commit=bool(flags & _COMMIT),
             output=bool(flags & _OUTPUT), actions=bool(flags & _ACTIONS), begin=Begin(flags >> 8), frames=frames,
+            busy_us=tuple(slots[HEADER_SLOTS - MAX_STAGES :]),
         )
         return fields | {"has_text": bool(flags & _TEXT)}, shapes
 
@@ -118,57 +124,95 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @dataclass
 class Group:
-    """A process group of the pipeline's ranks (rank 0 the orchestrator, rank i + 1 stage i).
+    """A process group of the pipeline's ranks (rank 0 the orchestrator, rank i + 1 stage i), carrying packets in
+    fixed-size frames.
 
-    Sends are non-blocking; at most `max_pending` packets stay in flight per rank (older sends are waited for), which
-    bounds the buffers kept alive and gives backpressure. Receives block: gloo's point-to-point work cannot be polled
-    (it completes inside wait()) and a wait with a timeout poisons the whole group, so a rank that must watch for
-    faults receives on a thread (`Receiver`) and watches the thread.
+    Why frames: a gloo receive posted after its send costs a round trip (recv-ready notice, then data), and a packet
+    as header + one message per tensor costs one round trip each; on a loaded machine each is a scheduling delay.
+    Here every message is a frame of `frame_bytes`, and each rank keeps `prepost` receives posted per peer ahead of
+    time, so a packet that fits a frame crosses in one one-way message. A packet is its header and its tensors' bytes
+    (each padded to 8 bytes), cut into as many frames as it needs; the header says how many.
+
+    Sends are non-blocking; at most `max_pending` packets stay in flight (older sends are waited for), which bounds the
+    buffers kept alive and gives backpressure. Receives block: gloo's point-to-point work cannot be polled (it completes
+    inside wait()) and a wait with a timeout poisons the whole group, so a rank that must watch for faults receives
+    on a thread and watches the thread (`watched`).
     """
 
     group: object
     rank: int
     size: int
     device: torch.device
+    frame_bytes: int = 256 * 1024
+    prepost: int = 4
     max_pending: int = 4
     _sends: deque = field(default_factory=deque)
+    _posted: dict = field(default_factory=dict)
 
     def isend(self, packet: Packet, dst: int) -> None:
         payload = ([packet.text] if packet.text is not None else []) + list(packet.tensors)
-        buffers = [packet.header(self.device)] + [t.contiguous() for t in payload]
+        header = packet.header("cpu")
+        sizes = [_padded(t.numel() * t.element_size()) for t in payload]
+        total = HEADER_SLOTS * 8 + sum(sizes)
+        frames = -(-total // self.frame_bytes)
+        buffer = torch.zeros(frames * self.frame_bytes, dtype=torch.uint8, device=self.device)
+        buffer[: HEADER_SLOTS * 8].copy_(header.view(torch.uint8))
+        offset = HEADER_SLOTS * 8
+        for tensor, size in zip(payload, sizes):
+            flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
+            buffer[offset : offset + flat.numel()].copy_(flat)
+            offset += size
         try:
-            self._sends.append([(self.group.send([buffer], dst, 0), buffer) for buffer in buffers])
+            works = [self.group.send([buffer[i * self.frame_bytes : (i + 1) * self.frame_bytes]], dst, 0) for i in range(frames)]
         except RuntimeError as error:  # gloo: the connection is gone
             raise StageFailed(f"send to rank {dst}: {error}") from error
+        self._sends.append((works, buffer, dst))
         while len(self._sends) > self.max_pending:
-            self._wait_sends(self._sends.popleft(), dst)
+            self._wait_sends(*self._sends.popleft())
 
     def flush(self) -> None:
         while self._sends:
-            self._wait_sends(self._sends.popleft(), -1)
+            self._wait_sends(*self._sends.popleft())
 
-    def _wait_sends(self, sends: list, dst: int) -> None:
+    def _wait_sends(self, works: list, buffer: Tensor, dst: int) -> None:
         try:
-            for work, _ in sends:
+            for work in works:
                 work.wait()
         except RuntimeError as error:
             raise StageFailed(f"send to rank {dst}: {error}") from error
 
+    def _next_frame(self, src: int) -> Tensor:
+        posted = self._posted.setdefault(src, deque())
+        while len(posted) < self.prepost:
+            frame = torch.empty(self.frame_bytes, dtype=torch.uint8, device=self.device)
+            posted.append((self.group.recv([frame], src, 0), frame))
+        work, frame = posted.popleft()
+        work.wait()
+        frame_next = torch.empty(self.frame_bytes, dtype=torch.uint8, device=self.device)
+        posted.append((self.group.recv([frame_next], src, 0), frame_next))
+        return frame
+
     def recv(self, src: int) -> Packet:
         """The next packet from `src` (blocking); transport errors (a peer gone) become StageFailed."""
         try:
-            header = torch.empty(HEADER_SLOTS, dtype=torch.int64, device=self.device)
-            self.group.recv([header], src, 0).wait()
-            fields, shapes = Packet.layout(header.cpu())
-            tensors = []
-            for dtype, shape in shapes:
-                tensor = torch.empty(shape, dtype=dtype, device=self.device)
-                self.group.recv([tensor], src, 0).wait()
-                tensors.append(tensor)
+            first = self._next_frame(src)
+            fields, shapes = Packet.layout(first[: HEADER_SLOTS * 8].view(torch.int64).cpu())
+            sizes = [_padded(torch.Size(shape).numel() * dtype.itemsize) for dtype, shape in shapes]
+            frames = -(-(HEADER_SLOTS * 8 + sum(sizes)) // self.frame_bytes)
+            data = torch.cat([first] + [self._next_frame(src) for _ in range(frames - 1)]) if frames > 1 else first
         except RuntimeError as error:  # gloo: connection closed by peer, timeouts
             raise StageFailed(f"receive from rank {src}: {error}") from error
+        tensors, offset = [], HEADER_SLOTS * 8
+        for (dtype, shape), size in zip(shapes, sizes):
+            count = torch.Size(shape).numel()
+            tensors.append(data[offset : offset + count * dtype.itemsize].view(dtype).view(shape))
+            offset += size
         text = tensors.pop(0) if fields.pop("has_text") else None
         return Packet(tensors=tuple(tensors), text=text, **fields)
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // 8) * 8
 
 
 def watched(fn: Callable[[], T], deadline: float, alive: Callable[[], bool], what: str) -> T:
@@ -204,7 +248,7 @@ def wait_watched(box: queue.Queue, deadline: float, alive: Callable[[], bool], w
 
 def open_group(
     backend: str, addr: str, port: int, rank: int, size: int, *, start_timeout_s: float, idle_timeout_s: float,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", frame_bytes: int = 256 * 1024,
 ) -> Group:
     """Join the group of `size` ranks rendezvousing at addr:port (rank 0 hosts the store) within `start_timeout_s`.
     A blocking receive gives up after `idle_timeout_s` (a stream may idle; faults are caught by polling receives).
@@ -222,4 +266,4 @@ def open_group(
         group = dist.ProcessGroupNCCL(store, rank, size, options)
     else:
         raise ConfigError(f"backend={backend!r} must be 'gloo' or 'nccl'")
-    return Group(group, rank, size, torch.device(device))
+    return Group(group, rank, size, torch.device(device), frame_bytes=frame_bytes)
