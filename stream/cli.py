@@ -301,6 +301,9 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--ice-host", help="the address WebRTC peers are offered as ICE host candidate (default: --host; "
                    "give this machine's LAN address when binding 0.0.0.0)")
+    p.add_argument("--ice-server", action="append", default=[],
+                   help="STUN/TURN server URL for WebRTC (repeatable; default none: host candidates only)")
+    p.add_argument("--max-peers", type=int, default=16, help="WebRTC viewers at once (default 16)")
     p.add_argument("--token", help="steering token (default: a random one, printed with the URL)")
     p.add_argument("--allow-origin", action="append", help="browser origin allowed on /ws (repeatable; default: "
                    "the server's own address)")
@@ -389,7 +392,8 @@ def run_serve(args: argparse.Namespace) -> None:
         if camera is not None:
             sink, camera = start_vcam(args, session, camera), None
         run_server(session, args.host, args.port, allowed_origins=args.allow_origin,
-                   max_message_bytes=args.max_message_bytes, ice_host=args.ice_host or args.host)
+                   max_message_bytes=args.max_message_bytes, ice_host=args.ice_host or args.host,
+                   ice_servers=args.ice_server, max_peers=args.max_peers)
     finally:
         if camera is not None:  # never handed to a sink
             camera.close()

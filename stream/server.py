@@ -4,6 +4,7 @@
     GET /ws        websocket for programs: ?format=jpeg|rgb (default jpeg), ?token=<token> to steer
                    binary frames and JSON events down, JSON controls up (stream/control.py, stream/sinks/websocket.py)
     GET /metrics   Prometheus text: the session's StreamMetrics plus viewer counts and per-viewer drops
+    GET /mjpeg     multipart/x-mixed-replace JPEG for OBS browser/media sources (stream/sinks/mjpeg.py)
     POST /whep     WebRTC (WHEP): SDP offer in, 201 + SDP answer + Location /whep/<id> out; DELETE /whep/<id> ends
                    the peer. Video on a track, the same JSON events and controls on a "control" data channel
                    (stream/sinks/webrtc.py); `Authorization: Bearer <token>` or ?token= to steer
@@ -29,6 +30,7 @@ from framecast.models.errors import ConfigError
 from framecast.stream.control import DEFAULT_MAX_BYTES
 from framecast.stream.metrics import PROMETHEUS_CONTENT_TYPE
 from framecast.stream.session import Session
+from framecast.stream.sinks.mjpeg import mjpeg_handler
 from framecast.stream.sinks.webrtc import WhepConfig, WhepEndpoint, add_whep_routes
 from framecast.stream.sinks.websocket import FrameFormat, WebSocketViewer
 
@@ -125,6 +127,7 @@ def create_app(
     app.router.add_get("/", index)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/mjpeg", mjpeg_handler(session))
     app.router.add_static("/web/", web_root)
     add_whep_routes(app, whep)  # its shutdown hook ends the peers
     app.on_startup.append(start)

@@ -287,6 +287,12 @@ def test_metrics_page_origin_check_and_format_choice() -> None:
         assert "framecast_viewers 1" in text and "framecast_viewer_frames_dropped_total" in text
         async with http.get(server.make_url("/")) as response:
             assert response.status == 200 and "<title>FrameCast</title>" in await response.text()
+        for asset in ("studio.js", "studio.css"):
+            async with http.get(server.make_url(f"/web/{asset}")) as response:
+                assert response.status == 200, asset
+        async with http.get(server.make_url("/mjpeg")) as response:
+            assert response.status == 200 and response.content_type == "multipart/x-mixed-replace"
+            assert (await response.content.readuntil(b"\xff\xd9")).count(b"\xff\xd8") == 1  # one whole JPEG
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
             await http.ws_connect(server.make_url("/ws"), origin="http://evil.example")
         assert info.value.status == 403
