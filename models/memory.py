@@ -81,6 +81,8 @@ class KVCache(_Planned):
     sits right after the sinks, and positions continue from there. Relative positions inside the window are kept.
     """
 
+    per_layer_buffers = ("keys", "values", "sink_keys")  # [layers, ...] each (None when unused); a pipeline moves them
+
     def __init__(
         self,
         config: DiTConfig,
@@ -220,6 +222,8 @@ class LinearState(_Planned):
     chunks is carried by the causal state itself. A recache rebuilds the state from the last `recache_frames`
     frames under the new prompt (older history cannot be re-encoded from a sum).
     """
+
+    per_layer_buffers = ("state", "normalizer", "pending_state", "pending_normalizer")  # [layers, ...] each
 
     def __init__(
         self,

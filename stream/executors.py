@@ -27,7 +27,7 @@ from framecast.stream.wire import Kind, Packet, StageFailed, free_port, open_gro
 
 class Executor(Protocol):
     def submit(self, packet: Packet) -> None: ...  # non-blocking where the executor can be
-    def result(self) -> Tensor: ...  # the next output, in submission order; raises StageFailed
+    def result(self) -> Packet: ...  # the next output packet, in submission order; raises StageFailed
     stage_busy_s: list[float]  # seconds each stage has computed, as of the newest output
     def close(self, graceful: bool = True) -> None: ...
 
@@ -42,16 +42,16 @@ class LocalExecutor:
         split = tuple(split) if split else (range(dit.config.num_layers),)
         self.stages = [Stage(dit, spec, config, lanes, own_model=False) for spec in stage_specs(split)]
         self.stage_busy_s = [0.0] * len(self.stages)
-        self._outputs: deque[Tensor] = deque()
+        self._outputs: deque[Packet] = deque()
 
     def submit(self, packet: Packet) -> None:
         for stage in self.stages:
             packet = stage.run(packet)
         self.stage_busy_s = [stage.busy_s for stage in self.stages]
         if packet.output:
-            self._outputs.append(packet.tensors[0])
+            self._outputs.append(packet)
 
-    def result(self) -> Tensor:
+    def result(self) -> Packet:
         return self._outputs.popleft()
 
     def close(self, graceful: bool = True) -> None:
@@ -138,7 +138,7 @@ class PipelineExecutor:
     def submit(self, packet: Packet) -> None:
         self.group.isend(packet, 1)
 
-    def result(self) -> Tensor:
+    def result(self) -> Packet:
         deadline = time.monotonic() + self.stage_timeout_s
         try:
             packet = wait_watched(self._results, deadline, self._alive, "waiting for the pipeline's output")
@@ -146,8 +146,9 @@ class PipelineExecutor:
             dead = self.dead_stages()
             detail = f"stage(s) {dead} died (exit codes {[self.processes[i].exitcode for i in dead]})" if dead else str(error)
             raise StageFailed(f"pipeline of {len(self.specs)} stages failed: {detail}") from error
-        self.stage_busy_s = [us / 1e6 for us in packet.busy_us[: len(self.specs)]]
-        return packet.tensors[0]
+        if packet.kind is Kind.CALL:
+            self.stage_busy_s = [us / 1e6 for us in packet.busy_us[: len(self.specs)]]
+        return packet
 
     def close(self, graceful: bool = True) -> None:
         """Stop the workers: a STOP packet when all are alive (and `graceful`), then kill whatever still runs."""

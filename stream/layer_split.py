@@ -121,3 +121,44 @@ def measure_layer_seconds(dit: CausalWanDiT, config: EngineConfig, repeats: int 
             memory.commit()
     median = {name: statistics.median(values) for name, values in samples.items()}
     return LayerCosts(median["embed"], tuple(median[layer] for layer in range(dit.config.num_layers)), median["head"])
+
+
+def rebalance_move(busy: Sequence[float], split: Sequence[range], tolerance: float = 0.15) -> tuple[int, int] | None:
+    """(layer, destination stage) of the one-layer move between neighbours that lowers the slowest stage's measured
+    time the most, or None when no move lowers it by more than `tolerance` (a fraction of it).
+
+    `busy`: each stage's compute seconds over the same recent window. A stage's seconds per layer are estimated as its
+    seconds / its layer count (embeddings and head included: they do not move, so this slightly overrates the layers
+    of the end stages, which the tolerance absorbs)."""
+    if len(busy) != len(split):
+        raise ConfigError(f"{len(busy)} stage times for {len(split)} stages")
+    slowest = max(range(len(busy)), key=lambda stage: busy[stage])
+    if len(split[slowest]) < 2:
+        return None
+    per_layer = busy[slowest] / len(split[slowest])
+    best: tuple[float, int, int] | None = None
+    for neighbour in (slowest - 1, slowest + 1):
+        if not 0 <= neighbour < len(busy):
+            continue
+        times = list(busy)
+        times[slowest] -= per_layer
+        times[neighbour] += per_layer
+        layer = split[slowest].start if neighbour < slowest else split[slowest].stop - 1
+        if best is None or max(times) < best[0]:
+            best = (max(times), layer, neighbour)
+    if best is None or best[0] > busy[slowest] * (1 - tolerance):
+        return None
+    return best[1], best[2]
+
+
+def move_layer(split: Sequence[range], layer: int, destination: int) -> tuple[range, ...]:
+    """The split after `layer` (an end of its stage's range) moves to the neighbouring stage `destination`."""
+    source = next((index for index, layers in enumerate(split) if layer in layers), None)
+    layers = split[source] if source is not None else range(0)
+    if source is None or abs(destination - source) != 1 or len(layers) < 2 or layer not in (layers.start, layers.stop - 1):
+        raise ConfigError(f"layer {layer} cannot move to stage {destination} from split {[(r.start, r.stop) for r in split]}")
+    out = list(split)
+    out[source] = range(layers.start + 1, layers.stop) if layer == layers.start else range(layers.start, layers.stop - 1)
+    target = split[destination]
+    out[destination] = range(min(target.start, layer), max(target.stop, layer + 1))
+    return tuple(out)

@@ -35,13 +35,16 @@ from framecast.models.errors import ConfigError
 from framecast.stream.engine import EngineConfig, LatentChunk, SwitchPolicy
 from framecast.stream.executors import Executor, LocalExecutor, PipelineExecutor
 from framecast.stream.lane import Lane, Program
-from framecast.stream.layer_split import LayerCosts, balanced_split, even_split, measure_layer_seconds, split_from_sizes
+from framecast.stream.layer_split import (
+    LayerCosts, balanced_split, even_split, measure_layer_seconds, move_layer, rebalance_move, split_from_sizes,
+)
 from framecast.stream.noise import GaussianNoise, NoiseSource
-from framecast.stream.wire import StageFailed
+from framecast.stream.wire import Kind, Packet, StageFailed
 
 log = logging.getLogger(__name__)
 
 FAULT_POLICIES = ("local", "fewer-stages")
+_MIGRATION = -1  # in the queue of awaited outputs: a layer move's acknowledgement
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,9 @@ class PipelineConfig:
     stage_timeout_s: float = 10.0  # an awaited output later than this is a hung stage
     on_fault: str = "local"  # "local": go on in this process; "fewer-stages": N-1 fresh stage processes
     max_rebuilds: int = 3
+    rebalance: bool = True  # move layers between neighbouring stages while running when their measured times differ
+    rebalance_window: int = 32  # outputs (denoising steps) per measurement window
+    rebalance_tolerance: float = 0.15  # move only when the slowest stage gets this much faster (fraction)
 
     def __post_init__(self) -> None:
         if not isinstance(self.stages, int) or self.stages < 1:
@@ -74,6 +80,10 @@ class PipelineConfig:
         for name in ("start_timeout_s", "stage_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be > 0")
+        if not isinstance(self.rebalance_window, int) or self.rebalance_window < 1:
+            raise ConfigError(f"rebalance_window={self.rebalance_window!r} must be a positive integer")
+        if not 0 <= self.rebalance_tolerance < 1:
+            raise ConfigError(f"rebalance_tolerance={self.rebalance_tolerance!r} must be in [0, 1)")
 
 
 
@@ -128,6 +138,9 @@ class PipelineEngine:
         self.layer_costs: LayerCosts | None = None
         self.split = self._initial_split()
         self.rebuilds: list[Rebuild] = []
+        self.migrations: list[tuple[int, int]] = []  # (layer, destination stage) of each move while running
+        self._migrating, self._window_outputs, self._window_busy = False, 0, None
+        self._requested_moves: deque[tuple[int, int]] = deque()
         self.executor: Executor = self._pipeline_executor(self.split)
 
     def _initial_split(self) -> tuple[range, ...]:
@@ -156,6 +169,12 @@ class PipelineEngine:
             threads=p.threads_per_stage, devices=p.devices[: len(split)] if p.devices else None,
             start_timeout_s=p.start_timeout_s, stage_timeout_s=p.stage_timeout_s,
         )
+
+    def move_layer(self, layer: int, destination: int) -> None:
+        """Move `layer` (an end of its stage's range) with its weights and cache to the neighbouring stage
+        `destination`, between two packets of the running stream (chunks() sends it after its next output)."""
+        move_layer(self.split, layer, destination)  # raises ConfigError now for an impossible move
+        self._requested_moves.append((layer, destination))
 
     @property
     def stage_busy_seconds(self) -> list[float]:
@@ -209,11 +228,44 @@ class PipelineEngine:
                 start(done.lane)
             lane = waiting.popleft()
             try:
-                flow = self.executor.result()
+                packet = self.executor.result()
             except StageFailed as error:
                 self._rebuild(error, programs, waiting, advance)
                 continue
-            advance(lane, flow)
+            if lane == _MIGRATION:
+                self._migrating = False
+                continue
+            advance(lane, packet.tensors[0])
+            self._maybe_rebalance(waiting)
+
+    def _maybe_rebalance(self, waiting: deque[int]) -> None:
+        """Every `rebalance_window` outputs, compare the stages' compute over the window; when moving one layer to
+        a neighbour lowers the slowest stage enough, send the move down the pipeline (in order with the packets)."""
+        p = self.pipeline
+        if self._migrating or not isinstance(self.executor, PipelineExecutor) or len(self.split) < 2:
+            return
+        if self._requested_moves:
+            move = self._requested_moves.popleft()
+        elif p.rebalance:
+            self._window_outputs += 1
+            if self._window_outputs < p.rebalance_window:
+                return
+            busy = self.executor.stage_busy_s
+            window = [now - then for now, then in zip(busy, self._window_busy)] if self._window_busy else None
+            self._window_busy, self._window_outputs = list(busy), 0
+            move = rebalance_move(window, self.split, p.rebalance_tolerance) if window else None
+        else:
+            move = None
+        if move is None:
+            return
+        layer, destination = move
+        self.split = move_layer(self.split, layer, destination)
+        self.executor.submit(Packet(lane=destination, frames=layer, kind=Kind.MIGRATE, output=True))
+        waiting.append(_MIGRATION)
+        self._migrating = True
+        self._window_busy = None  # the next window starts after the move
+        self.migrations.append((layer, destination))
+        log.info("moving layer %d to stage %d; split now %s", layer, destination, self.split)
 
     def _rebuild(self, error: StageFailed, programs: dict[int, Program], waiting: deque[int], advance) -> None:
         """Drop the broken pipeline, build the next one, restore every lane from its last committed chunk, and
@@ -228,6 +280,7 @@ class PipelineEngine:
             program.close()
         programs.clear()
         waiting.clear()
+        self._migrating, self._window_outputs, self._window_busy = False, 0, None
         stages = len(self.split) - 1 if self.pipeline.on_fault == "fewer-stages" else 0
         if stages >= 1:
             self.split = even_split(self.dit_config.num_layers, stages)

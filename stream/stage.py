@@ -103,6 +103,7 @@ class _LaneState:
     def __init__(self, memory: LayerSlice) -> None:
         self.memory = memory
         self.text: TextContext | None = None
+        self.projected: Tensor | None = None  # the projected prompt, for the K/V of a layer that moves here
 
 
 class Stage:
@@ -135,7 +136,7 @@ class Stage:
         text_out = None
         if packet.text is not None:
             text_out = dit.embed_text(packet.text) if spec.is_first else packet.text
-            lane.text = dit.text_context(text_out, spec.layers)
+            lane.text, lane.projected = dit.text_context(text_out, spec.layers), text_out
         if packet.begin is Begin.CHUNK:
             lane.memory.begin_chunk(packet.frames)
         elif packet.begin is Begin.RECACHE:

@@ -12,13 +12,14 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
 from framecast.models.dit import CausalWanDiT
 from framecast.stream.engine import EngineConfig
+from framecast.stream.migration import give_layer, take_layer
 from framecast.stream.stage import Stage, StageSpec
 from framecast.stream.wire import Kind, Packet, StageFailed, open_group
 
@@ -55,6 +56,28 @@ def _exit_when_orphaned(parent: int) -> None:
         time.sleep(0.5)
 
 
+def _migrate(stage: Stage, group, packet: Packet, target: int) -> None:
+    """Layer `packet.frames` moves to stage `packet.lane`, in order with the lanes' packets. A forward move rides on
+    the packet; a backward move comes back from the next stage over its own message. The packet goes on to the last
+    stage, which acknowledges it to the orchestrator."""
+    layer, destination, me = packet.frames, packet.lane, stage.spec.index
+    onward = replace(packet, tensors=())
+    if layer in stage.spec.layers:  # we give
+        blob = give_layer(stage, layer)
+        if destination == me + 1:
+            group.isend(replace(packet, tensors=(blob,)), target)
+            return
+        group.isend(replace(packet, tensors=(blob,)), destination + 1)
+    elif destination == me:  # we take
+        if packet.tensors:
+            take_layer(stage, layer, packet.tensors[0])
+        else:
+            group.isend(onward, target)  # the giver is the next stage: let it see the packet, then get the layer
+            take_layer(stage, layer, group.recv(me + 2).tensors[0])
+            return
+    group.isend(replace(onward, output=True) if stage.spec.is_last else onward, target)
+
+
 def worker_main(spec: WorkerSpec, parent: int) -> None:
     """Entry point of a spawned stage process."""
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
@@ -74,6 +97,9 @@ def worker_main(spec: WorkerSpec, parent: int) -> None:
                 if not spec.stage.is_last:
                     group.isend(packet, target)
                 break
+            if packet.kind is Kind.MIGRATE:
+                _migrate(stage, group, packet, target)
+                continue
             out = stage.run(packet)
             if not spec.stage.is_last or out.output:
                 group.isend(out, target)

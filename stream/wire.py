@@ -37,7 +37,7 @@ _TENSOR_SLOTS = 2 + _MAX_DIMS  # dtype code, ndim, dims
 _FIXED = 5  # kind, lane, flags, frames, tensor count
 MAX_TENSORS = (HEADER_SLOTS - MAX_STAGES - _FIXED) // _TENSOR_SLOTS
 T = TypeVar("T")
-DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64)
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8)
 
 
 class StageFailed(FrameCastError, RuntimeError):
@@ -48,6 +48,7 @@ class Kind(enum.IntEnum):
     CALL = 0  # a packet of a lane
     STOP = 1  # shut down after forwarding
     READY = 2  # a worker has built its stage
+    MIGRATE = 3  # move layer `frames` to stage `lane` (with its weights and cache; see stream/migration.py)
 
 
 class Begin(enum.IntEnum):

@@ -12,7 +12,9 @@ from framecast.models.config import preset
 from framecast.models.dit import CausalWanDiT
 from framecast.models.errors import ConfigError
 from framecast.stream.engine import EngineConfig
-from framecast.stream.layer_split import LayerCosts, balanced_split, even_split, measure_layer_seconds, split_from_sizes
+from framecast.stream.layer_split import (
+    LayerCosts, balanced_split, even_split, measure_layer_seconds, move_layer, rebalance_move, split_from_sizes,
+)
 
 
 def brute_force_best(costs: LayerCosts, stages: int) -> float:
@@ -55,3 +57,16 @@ def test_measured_costs_cover_every_layer() -> None:
     dit = CausalWanDiT(preset("tiny", num_layers=3))
     costs = measure_layer_seconds(dit, EngineConfig(latent_height=4, latent_width=4, window_frames=6, sink_frames=0), repeats=2)
     assert len(costs.blocks) == 3 and all(seconds > 0 for seconds in costs.blocks) and costs.embed > 0 and costs.head > 0
+
+
+def test_rebalance_moves_a_layer_off_the_slowest_stage_only_when_it_helps() -> None:
+    split = (range(0, 2), range(2, 8))
+    assert rebalance_move([2.0, 6.0], split) == (2, 0)  # 1 s per layer on stage 1: 3 s / 5 s beats 6 s
+    assert rebalance_move([5.0, 6.0], split) is None  # 6 s -> 6 s on stage 0: no better
+    assert rebalance_move([1.0, 1.1], split) is None
+    assert rebalance_move([3.0, 1.0, 1.0], (range(0, 3), range(3, 4), range(4, 5))) == (2, 1)
+    assert rebalance_move([1.0, 3.0], (range(0, 7), range(7, 8))) is None  # a stage keeps at least one layer
+    assert move_layer(split, 2, 0) == (range(0, 3), range(3, 8))
+    assert move_layer(split, 1, 1) == (range(0, 1), range(1, 8))
+    with pytest.raises(ConfigError, match="layer 4 cannot move to stage 0"):
+        move_layer(split, 4, 0)

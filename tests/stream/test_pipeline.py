@@ -75,6 +75,45 @@ def test_pipeline_equals_single_process_engine_per_lane(stages: int, expected) -
     assert not torch.equal(expected[0][SWITCH_AFTER + 1], expected[1][SWITCH_AFTER + 1])
 
 
+def test_layers_move_between_stages_mid_stream_without_changing_a_number(expected) -> None:
+    """A layer moves back (stage 1 -> 0) and forth (0 -> 1) with its weights and both lanes' caches, inside chunks,
+    around a prompt switch; every chunk still equals the single-process engine's."""
+    pipeline = PipelineConfig(stages=2, layers_per_stage=(1, 2), rebalance=False, start_timeout_s=45, stage_timeout_s=20)
+    with PipelineEngine(MODEL, CONFIG, [prompt(10), prompt(11)], pipeline) as engine:
+        got: list[list[torch.Tensor]] = [[], []]
+        for item in engine.chunks():
+            got[item.lane].append(item.chunk.latents)
+            if item.chunk.index == SWITCH_AFTER:
+                if item.lane == 0:
+                    engine.set_prompt(0, prompt(20, tokens=7), SwitchPolicy.RECACHE)
+                else:
+                    engine.set_action(1, [1, 3, 2])
+            if (item.lane, item.chunk.index) == (0, 1):
+                engine.move_layer(1, 0)  # backward: the taker asks the giver downstream
+            if (item.lane, item.chunk.index) == (1, 3):
+                engine.move_layer(1, 1)  # forward: the layer rides on the packet
+            if min(len(chunks) for chunks in got) == CHUNKS:
+                break
+        assert engine.migrations == [(1, 0), (1, 1)]
+        assert engine.split == (range(0, 1), range(1, 3)) and not engine.rebuilds
+    for lane in range(2):
+        for index in range(CHUNKS):
+            assert torch.equal(got[lane][index], expected[lane][index]), f"lane {lane} chunk {index} differs"
+
+
+def test_unequal_stage_times_move_layers_while_running() -> None:
+    """Split 1 + 3 of 4 equal layers: the measured stage times differ, so layers move until they no longer do."""
+    model = RandomDiT(preset("tiny", num_layers=4, dim=96, ffn_dim=384, num_heads=2), torch.float32, seed=0)
+    config = EngineConfig(latent_height=8, latent_width=8, window_frames=9, sink_frames=3)
+    pipeline = PipelineConfig(stages=2, layers_per_stage=(1, 3), rebalance_window=8, start_timeout_s=45, stage_timeout_s=20)
+    text = torch.randn(1, 5, model.config.text_dim)
+    with PipelineEngine(model, config, [text], pipeline) as engine:
+        for item in itertools.islice(engine.chunks(), 16):
+            assert torch.isfinite(item.chunk.latents).all()
+        assert engine.migrations and engine.migrations[0] == (1, 0)
+        assert engine.split == (range(0, 2), range(2, 4))
+
+
 def run_lane(lane: Lane, executor: LocalExecutor, chunks: int, controls=None) -> list[torch.Tensor]:
     out = []
     for index in range(chunks):
@@ -83,7 +122,7 @@ def run_lane(lane: Lane, executor: LocalExecutor, chunks: int, controls=None) ->
             while True:
                 packet = program.send(value)
                 executor.submit(packet)
-                value = executor.result() if packet.output else None
+                value = executor.result().tensors[0] if packet.output else None
         except StopIteration as stop:
             out.append(stop.value.latents)
         if controls:
