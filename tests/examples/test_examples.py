@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +31,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
-    """`framecast serve` on 127.0.0.1 (16 fps, 32x32 px enlarged to 64x64); yields its port."""
+def serve(*args: str):
+    """Start `framecast serve <args>` on 127.0.0.1 and a free port; yield the port once /metrics answers."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "framecast.stream.cli", "serve", "--port", str(port), "--token", TOKEN,
-         "--height", "32", "--width", "32", "--output-scale", "2", "--dtype", "float32", "--fps", "16",
-         "--latency-budget", "0.5"],
+        [sys.executable, "-m", "framecast.stream.cli", "serve", "--port", str(port), "--token", TOKEN, *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -55,6 +53,34 @@ def server():
     finally:
         process.terminate()
         process.communicate(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The default model (tiny preset, random weights) at 16 fps, 32x32 px enlarged to 64x64."""
+    yield from serve("--height", "32", "--width", "32", "--output-scale", "2", "--dtype", "float32", "--fps", "16",
+                     "--latency-budget", "0.5")
+
+
+@pytest.fixture(scope="module")
+def world():
+    """The world simulator (takes actions: arrow keys move its agent) at 30 fps, 128x128 px."""
+    yield from serve("--simulator", "--fps", "30", "--latency-budget", "0.3")
+
+
+def read_png(path: Path) -> np.ndarray:
+    """RGB [H, W, 3] of a PNG as the examples write it (8-bit RGB, every row with filter 0)."""
+    data = path.read_bytes()
+    width, height = struct.unpack(">II", data[16:24])
+    chunks, at = [], 8
+    while at < len(data):
+        (size,), kind = struct.unpack(">I", data[at:at + 4]), data[at + 4:at + 8]
+        if kind == b"IDAT":
+            chunks.append(data[at + 8:at + 8 + size])
+        at += 12 + size
+    rows = np.frombuffer(zlib.decompress(b"".join(chunks)), np.uint8).reshape(height, 1 + 3 * width)
+    assert not rows[:, 0].any()
+    return rows[:, 1:].reshape(height, width, 3)
 
 
 def run_example(name: str, *args: str, timeout_s: float = 40) -> subprocess.CompletedProcess:
@@ -79,6 +105,27 @@ def test_game_client_plays_a_script_gets_every_control_acknowledged_and_saves_th
     data = png.read_bytes()  # a PNG of the 64x64 RGB frame (IHDR: width, height, bit depth 8, colour type 2)
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     assert struct.unpack(">IIBB", data[16:26]) == (64, 64, 8, 2)
+
+
+def test_game_client_steers_the_worlds_agent_left_and_right(world, tmp_path):
+    from framecast.models.world.ground_truth import read_agent
+
+    positions = {}
+    for step in ("left", "right"):
+        for attempt in range(3):  # a bouncing ball may cover the agent in the one frame saved: hold the key again
+            png = tmp_path / f"{step}{attempt}.png"
+            result = run_example("game_client.py", "--port", str(world), "--token", TOKEN, "--format", "rgb",
+                                 "--script", f"{step}:1.2s", "--png", str(png))
+            out = result.stdout
+            assert result.returncode == 0, out + result.stderr
+            action = {"left": 3, "right": 4}[step]
+            assert re.search(rf"ack #1 action {step} \({action}\): in effect from chunk \d+", out), out
+            assert "1 controls, 1 acks, 0 errors, 0 unanswered" in out
+            positions[step] = read_agent(read_png(png))
+            if positions[step] is not None:
+                break
+        assert positions[step] is not None, f"no agent in the last frame after {step}, 3 times"
+    assert positions["right"].xy[0] > positions["left"].xy[0]  # it moved the way the key said
 
 
 def load_example(name: str):
