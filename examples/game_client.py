@@ -2,7 +2,7 @@
 
 Start a server, then the client (the token is the one `framecast serve` prints, or the one you gave it):
 
-    framecast serve --token s3cret --fps 30 --output-scale 4
+    framecast serve --simulator --token s3cret --fps 30 --output-scale 4   # the world itself: arrow keys move its agent
     python examples/game_client.py --token s3cret                       # keyboard: arrows or WASD, space stops
     python examples/game_client.py --token s3cret --script "right:2s,up:1s,none:1s" --png out/latest.png
     python examples/game_client.py --token s3cret --window              # also show frames (matplotlib)
@@ -15,8 +15,8 @@ pause, resume or wait, and durations in seconds (`2s`, `0.5`, `250ms`).
 
 Every control is acknowledged by the server with the engine chunk from which it is in effect; the client prints
 each ack (and any error), a stats line every `--stats-every` seconds, and exits 0 when it received frames. A model
-that takes no actions (the hello says `num_actions: 0`, e.g. the `tiny` preset) gets no action controls: the client
-says so once and still plays the script's pauses and resumes.
+that takes no actions (the hello says `num_actions: 0`, e.g. the `tiny` preset without --simulator) gets no action
+controls: the client says so once and still plays the script's pauses and resumes.
 """
 
 from __future__ import annotations
