@@ -15,12 +15,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-import torch
-from torch import Tensor
-
 from framecast.models.dit import CausalWanDiT
 from framecast.stream.engine import EngineConfig
-from framecast.stream.stage import Stage, StageSpec, stage_specs
+from framecast.stream.stage import Stage, stage_specs
 from framecast.stream.stage_worker import WorkerSpec, worker_main
 from framecast.stream.wire import Kind, Packet, StageFailed, free_port, open_group, wait_watched, watched
 

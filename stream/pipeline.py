@@ -12,6 +12,11 @@ Why lanes: one stream cannot keep N stages busy. Each denoising step needs the p
 whole network, so only the clean context pass of chunk c overlaps step 0 of chunk c+1 (with 4 steps, at most
 ~1.11x on 2 stages). With L independent lanes in flight, stage k works on lane A while stage k-1 works on lane B.
 
+Balance: the first split minimises the slowest stage from measured per-layer times (`layer_split`); while running,
+every stage reports its compute seconds in each packet, and when their rates drift apart a boundary layer moves to
+the neighbour with its weights and every lane's cache (`migration`), in order with the packets, without a pause or a
+change in any number.
+
 Faults: a stage that dies, breaks its connection or does not answer within `stage_timeout_s` raises StageFailed
 inside `chunks()`; the orchestrator drops the pipeline, rebuilds it (`on_fault`: in this process, or N-1 fresh
 stage processes), rebuilds every lane's memory from its last committed chunk, and goes on. Chunk numbers go on
@@ -24,7 +29,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
