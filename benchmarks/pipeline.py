@@ -8,8 +8,9 @@ What it measures (random weights; timings do not depend on the weights' values):
 
 - baseline: `StreamEngine` in this process with `torch.set_num_threads(1)`;
 - `PipelineEngine` with 2 stage processes (gloo over loopback, 1 torch thread each, layers balanced from measured
-  per-layer times) and 1, 2 (and 3) lanes. Lanes are independent streams; each lane's chunks equal a single-process
-  engine's bit for bit (checked here in the benchmark dtype for lane 0 against the baseline's chunks).
+  per-layer times and re-balanced while running) and 1, 2 and 3 lanes. Lanes are independent streams; each lane's
+  chunks equal a single-process engine's bit for bit (checked here in the benchmark dtype for lane 0 against the
+  baseline's chunks).
 
 Throughput is latent chunks per second over the measured window (after warm-up), all lanes together. Single-stream
 speedup = pipeline with 1 lane / baseline; lanes speedup = pipeline with L lanes / baseline; efficiency = speedup / 2
@@ -65,7 +66,7 @@ class Settings:
     lanes: tuple[int, ...] = (1, 2, 3)
     warmup_chunks: int = 3  # per lane
     measured_chunks: int = 12  # per lane
-    rounds: int = 2
+    rounds: int = 3
     seed: int = 0
     quick: bool = False
 
@@ -171,12 +172,13 @@ def run_pipeline(model: RandomDiT, settings: Settings, lanes: int) -> dict:
             busy = [end - begin for begin, end in zip(busy_start, engine.stage_busy_seconds)]
         costs = engine.layer_costs
         split = [(r.start, r.stop) for r in engine.split]
+        migrations = list(engine.migrations)
         stage_ms = [1000 * s for s in costs.stage_seconds(engine.split)] if costs else None
         assert not engine.rebuilds, engine.rebuilds
     count = settings.measured_chunks * lanes
     return {
         "condition": f"pipeline x{lanes}", "lanes": lanes, "chunks": count, "wall_s": wall, "chunks_per_s": count / wall,
-        "startup_s": startup, "split": split, "stage_call_ms_measured": stage_ms,
+        "startup_s": startup, "split": split, "layer_moves_while_running": migrations, "stage_call_ms_measured": stage_ms,
         "stage_utilisation": [round(b / wall, 3) for b in busy],
         "layer_costs_ms": {"embed": 1000 * costs.embed, "blocks": [1000 * b for b in costs.blocks], "head": 1000 * costs.head} if costs else None,
         "foreign_cpu_percent": round(load.percent, 1), "_latents": lane0,
@@ -238,7 +240,8 @@ def report(rows: list[dict], runs: list[dict], settings: Settings, info: dict, e
         f"KV cache {settings.window_frames} frames with {settings.sink_frames} sinks",
         f"- baseline: `StreamEngine`, 1 process, 1 torch thread; pipeline: {STAGES} stage processes (gloo over "
         f"loopback), 1 torch thread each, orchestrator in this process; split {first['split']} (layers [start, stop) "
-        f"per stage, balanced from measured per-layer times: stage call {['%.1f ms' % t for t in first['stage_call_ms_measured']]})",
+        f"per stage, balanced from measured per-layer times: stage call {['%.1f ms' % t for t in first['stage_call_ms_measured']]}); "
+        f"layers moved while running (re-balancing on): {[r['layer_moves_while_running'] for r in pipeline_runs]}",
         f"- {settings.warmup_chunks} warm-up + {settings.measured_chunks} measured chunks per lane; {settings.rounds} "
         "interleaved round(s), median round reported",
         f"- bit-exact (`torch.equal`, {settings.dtype}) lane 0 of the pipeline vs the single-process engine: {exact}", "",

@@ -11,6 +11,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -57,6 +58,17 @@ class LocalExecutor:
     @property
     def describe(self) -> str:
         return f"local ({len(self.stages)} stage(s) in one process)"
+
+
+def _kill_and_join(processes: list, receiver: threading.Thread | None) -> None:
+    """Kill the stage processes still running, then wait for the receiver thread: its wait fails once the stages
+    are gone, and a thread still inside gloo when the interpreter exits would abort the process."""
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join(1.0)
+    if receiver is not None:
+        receiver.join(2.0)
 
 
 class PipelineExecutor:
@@ -115,6 +127,8 @@ class PipelineExecutor:
             raise
         self._receiver = threading.Thread(target=self._receive, daemon=True, name="pipeline results")
         self._receiver.start()
+        # a pipeline left open at interpreter exit: stop its stages so that no thread is inside gloo at teardown
+        self._at_exit = weakref.finalize(self, _kill_and_join, self.processes, self._receiver)
 
     def _receive(self) -> None:
         """Receiver thread: the last stage's outputs into a queue, until the group breaks."""
@@ -160,13 +174,10 @@ class PipelineExecutor:
         deadline = time.monotonic() + (2.0 if graceful else 0.0)
         for process in self.processes:
             process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.kill()
-                process.join(1.0)
-        # the receiver's wait fails once the stages are gone; a thread still inside gloo when the interpreter exits
-        # would abort the process
-        if getattr(self, "_receiver", None) is not None:
-            self._receiver.join(2.0)
+        if hasattr(self, "_at_exit"):
+            self._at_exit()
+        else:
+            _kill_and_join(self.processes, None)
 
     @property
     def describe(self) -> str:
