@@ -18,7 +18,10 @@ webrtc.pin_ice_host), and no STUN/TURN server unless `ice_servers` names some.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -38,6 +41,7 @@ log = logging.getLogger("framecast.server")
 
 WEB_ROOT = Path(framecast.web.__file__).resolve().parent  # package data: found in non-editable installs too
 HARD_MESSAGE_FACTOR = 16  # messages up to this many times the control limit get an error reply; larger ones close
+OUTPUT_NICENESS = 10  # CFS weight 110 vs 1024: under contention the generation thread gets ~90% of a core
 SESSION_KEY = web.AppKey("session", Session)
 WHEP_KEY = web.AppKey("whep", WhepEndpoint)
 
@@ -61,6 +65,21 @@ def _relay_metrics(session: Session, whep: WhepEndpoint) -> str:
     return "\n".join(lines) + "\n"
 
 
+def output_executor(niceness: int) -> concurrent.futures.ThreadPoolExecutor:
+    """Threads for output encoding that yield the CPU to generation: a late frame costs every viewer, a slower
+    encode only delays one (Linux: niceness is per thread; raising it needs no privilege)."""
+
+    def lower_priority() -> None:
+        if hasattr(os, "setpriority"):
+            tid = threading.get_native_id()
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness))
+            except OSError as exc:  # not permitted here: encode at normal priority
+                log.warning("could not lower the output threads' priority: %s", exc)
+
+    return concurrent.futures.ThreadPoolExecutor(thread_name_prefix="framecast-output", initializer=lower_priority)
+
+
 def create_app(
     session: Session,
     *,
@@ -70,13 +89,16 @@ def create_app(
     ice_host: str = "127.0.0.1",
     ice_servers: Sequence[str] = (),
     max_peers: int = 16,
+    output_niceness: int = OUTPUT_NICENESS,
 ) -> web.Application:
     """The aiohttp application serving `session`; it starts the session on startup and closes it on cleanup.
 
     `allowed_origins`: browser origins allowed on /ws (default: the origin the request was addressed to).
     `ice_host`: the address WebRTC peers are offered (pinned process-wide, see webrtc.pin_ice_host; 0.0.0.0: every
     interface but loopback, as aioice picks); `ice_servers`: STUN/TURN URLs (see webrtc.ice_server);
-    `max_peers`: WebRTC peers at once (more get 503).
+    `max_peers`: WebRTC peers at once (more get 503). `output_niceness`: how much lower the priority of the
+    encoding threads (the loop's default executor: JPEG, aiortc's VP8/H264) is than the generation thread's
+    (0: the same).
 
     Raises:
         ConfigError: max_message_bytes < 64, max_peers < 1, a bad ICE server URL or an ice_host that does not resolve.
@@ -115,6 +137,8 @@ def create_app(
         return ws
 
     async def start(app: web.Application) -> None:
+        if output_niceness:
+            asyncio.get_running_loop().set_default_executor(output_executor(output_niceness))
         session.start()
 
     async def stop(app: web.Application) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -20,7 +22,7 @@ from framecast.models.preview import PreviewDecoder
 from framecast.models.text import HashedTextEncoder
 from framecast.stream.engine import EngineConfig, StreamEngine
 from framecast.stream.metrics import PROMETHEUS_CONTENT_TYPE
-from framecast.stream.server import create_app
+from framecast.stream.server import create_app, output_executor
 from framecast.stream.session import Session, SessionConfig
 from framecast.stream.sinks.websocket import FrameHeader, unpack_frame
 
@@ -304,3 +306,14 @@ def test_metrics_page_origin_check_and_format_choice() -> None:
         assert info.value.status == 400
 
     serve(test)
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread niceness is a POSIX feature")
+def test_output_threads_yield_the_cpu_to_generation() -> None:
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    own = niceness()
+    with output_executor(5) as executor:
+        assert executor.submit(niceness).result() == min(19, own + 5)
+    assert niceness() == own  # the caller's thread keeps its priority
