@@ -322,6 +322,7 @@ class Session:
                 self._apply_one(item.control)
             except FrameCastError as exc:
                 errors[id(item)] = f"{item.control.type}: {exc}"
+                log.info("session %s: %s control refused at chunk %d: %s", self.id, item.control.type, chunk, exc)
         winners = {id(item) for item in newest.values()}
         for item in pending:
             if id(item) in errors:

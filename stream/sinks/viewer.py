@@ -8,10 +8,13 @@ A bad message gets an error reply and nothing closes: only a closed session ends
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from framecast.models.errors import BadMessage, SessionClosed
 from framecast.stream.control import encode_error, parse_control
+
+log = logging.getLogger("framecast.controls")
 
 if TYPE_CHECKING:  # the session module imports torch; a viewer needs only its interface
     from framecast.stream.session import Reply, Session
@@ -38,6 +41,7 @@ class ControlInbox:
             control = parse_control(raw, max_bytes=self.max_message_bytes, num_actions=self.session.num_actions)
             self.session.submit(control, token=self.token, seq=seq, reply=self.reply)
         except BadMessage as exc:
+            log.info("session %s: control message %d refused: %s", self.session.id, seq, exc)
             self.reply(encode_error(seq, str(exc), None if control is None else control.id))
         except SessionClosed as exc:
             self.reply(encode_error(seq, str(exc), None if control is None else control.id))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import threading
 import time
@@ -148,7 +149,9 @@ def test_a_client_plays_300_frames_with_actions_and_prompt_switches_each_acknowl
     serve(test)
 
 
-def test_bad_messages_get_error_replies_and_the_stream_goes_on_for_every_client() -> None:
+def test_bad_messages_get_error_replies_and_the_stream_goes_on_for_every_client(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="framecast")
+
     async def test(server, http, session) -> None:
         steerer = await connect(server, http, f"format=rgb&token={TOKEN}")
         other = await connect(server, http, "format=jpeg")
@@ -183,6 +186,9 @@ def test_bad_messages_get_error_replies_and_the_stream_goes_on_for_every_client(
         assert not steerer.ws.closed and not other.ws.closed
 
     serve(test, max_message_bytes=256)
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("framecast")]
+    assert sum("session test: control message" in m and "refused" in m for m in logged) == 9  # 8 bad + watcher
+    assert any(m.startswith("session test: prompt control refused at chunk") for m in logged)
 
 
 def test_a_message_past_the_hard_limit_closes_only_its_own_connection() -> None:
