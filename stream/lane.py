@@ -183,10 +183,11 @@ class Lane:
     def restore_program(self) -> Program:
         """After a fault: the packets that rebuild this lane's memory on fresh stages from the last committed chunk.
 
-        The chunk that was in flight is dropped (its noise is drawn again, so it comes out as it would have), the
-        memory is reset and the newest whole chunks of clean latents in the history are encoded again as context,
-        chunk by chunk, under the current prompt. The cache then holds what a recache would give, not bit for bit what
-        the lost stages held; chunk numbers go on without a gap or a repeat.
+        The chunk that was in flight is dropped and generated again from the same noise (the generator is rewound
+        to where that chunk started), the memory is reset and the newest whole chunks of clean latents in the history
+        are encoded again as context, chunk by chunk, under the current prompt. The cache then holds what a recache
+        would give, not bit for bit what the lost stages held, so the stream goes on close to, not equal to, the
+        uninterrupted one; chunk numbers go on without a gap or a repeat.
         """
         if self._noise_state is not None:
             self.noise.generator.set_state(self._noise_state)
