@@ -35,7 +35,7 @@ const studio = window.studio = {
   },
 };
 
-let pc = null, channel = null, resource = null, retry = 0, reconnectTimer = null, lastDecoded = null;
+let pc = null, channel = null, resource = null, retry = 0, reconnectTimer = null;
 
 function log(text) {
   const line = `${new Date().toISOString().slice(11, 23)} ${text}\n`;
@@ -68,6 +68,8 @@ function gathered(peer, timeoutMs) {
 
 async function connect() {
   reconnectTimer = null;
+  previous = stalledSince = null;  // counters start again with each connection
+  studio.framesDecoded = studio.framesDropped = 0;
   setState("connecting", "connecting…");
   const peer = pc = new RTCPeerConnection({iceServers: []});
   peer.addTransceiver("video", {direction: "recvonly"});

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from framecast.models.world.ground_truth import read_agent, read_setting
 from framecast.models.world.vocabulary import Terrain, TimeOfDay
-from framecast.stream.server import create_app
+from framecast.stream.server import WHEP_KEY, create_app
 from framecast.stream.session import Session, SessionConfig
 from framecast.stream.simulator import PixelDecoder, SimulatorConfig, WorldSimulator
 
@@ -70,7 +70,8 @@ class ServerThread:
         self.thread.start()
 
         async def start() -> int:
-            self.runner = web.AppRunner(create_app(self.session, ice_host="127.0.0.1"))
+            self.app = create_app(self.session, ice_host="127.0.0.1")
+            self.runner = web.AppRunner(self.app)
             await self.runner.setup()
             site = web.TCPSite(self.runner, "127.0.0.1", 0)
             await site.start()
@@ -78,6 +79,15 @@ class ServerThread:
 
         self.port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(30)
         return self
+
+    def end_webrtc_peers(self) -> None:
+        """End every WebRTC peer from the server's side, as a network failure or a server restart would."""
+        endpoint = self.app[WHEP_KEY]
+
+        async def end() -> None:
+            await asyncio.gather(*(peer.close("ended by the test") for peer in list(endpoint.peers.values())))
+
+        asyncio.run_coroutine_threadsafe(end(), self.loop).result(10)
 
     def __exit__(self, *exc) -> None:
         if self.runner is not None:
@@ -175,6 +185,14 @@ def test_the_studio_plays_webrtc_switches_prompts_and_steers_the_agent(tmp_path)
             page.screenshot(path=str(ARTIFACTS / "studio.png"))
             results["frames_decoded"] = page.evaluate("studio.framesDecoded")
             results["frames_dropped"] = page.evaluate("studio.framesDropped")
+
+            # the connection drops: the page says so, reconnects by itself, and the video goes on
+            server.end_webrtc_peers()
+            page.wait_for_function("!document.getElementById('banner').hidden", timeout=10_000)
+            results["drop_banner"] = page.inner_text("#banner")
+            page.wait_for_function("studio.connects >= 2 && studio.state === 'connected'", timeout=20_000)
+            page.wait_for_function("studio.framesDecoded > 16", timeout=10_000)  # counted per connection
+            assert page.evaluate("document.getElementById('banner').hidden")
         finally:
             context.close()
     (ARTIFACTS / "studio.json").write_text(json.dumps(results, indent=2))
