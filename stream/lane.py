@@ -143,7 +143,7 @@ class Lane:
             timesteps = torch.full(self.chunk_shape[:2], step.timestep, dtype=torch.float32)
             begin = dict(begin=Begin.CHUNK, frames=self.config.chunk_frames) if number == 0 else {}
             flow = yield self._call(x, timesteps, self.actions, output=True, **begin)
-            x0 = to_clean(x, flow, step.sigma)
+            x0 = to_clean(x, flow.to(x.device), step.sigma)  # the sampler runs on the CPU; NCCL flows come on a GPU
             if not step.is_last:
                 x = renoise(x0, self.noise.draw(tuple(x0.shape), x0.dtype, x0.device), step.next_sigma)
         context = x0

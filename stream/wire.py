@@ -134,6 +134,10 @@ class Group:
     time, so a packet that fits a frame crosses in one one-way message. A packet is its header and its tensors' bytes
     (each padded to 8 bytes), cut into as many frames as it needs; the header says how many.
 
+    NCCL (untested here: no GPU on the machine this was written on) runs each peer pair's sends and receives on one
+    stream, so a receive posted ahead from a peer this rank also sends to would hold those sends back: only the
+    migration back-channel does that, so re-balancing across GPUs should move layers forward only until checked.
+
     Sends are non-blocking; at most `max_pending` packets stay in flight (older sends are waited for), which bounds the
     buffers kept alive and gives backpressure. Receives block: gloo's point-to-point work cannot be polled (it completes
     inside wait()) and a wait with a timeout poisons the whole group, so a rank that must watch for faults receives
