@@ -32,9 +32,11 @@ import multiprocessing
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,6 +227,30 @@ def run_pipeline(model: RandomDiT, settings: Settings, lanes: int) -> dict:
     }
 
 
+def run_fault(model: RandomDiT, settings: Settings, on_fault: str) -> dict:
+    """Kill stage 1 (SIGKILL) in the middle of a 2-lane stream; how long until the stream goes on, and are the
+    chunk numbers of each lane still 0, 1, 2, ... without a gap or a repeat?"""
+    pipeline = PipelineConfig(stages=STAGES, threads_per_stage=1, stage_timeout_s=120, on_fault=on_fault)
+    with PipelineEngine(model, engine_config(settings), prompts(model, 2), pipeline) as engine:
+        stream = engine.chunks()
+        seen = [(item.lane, item.chunk.index, time.monotonic()) for item in itertools.islice(stream, 2 * settings.warmup_chunks)]
+        victim = engine.executor.processes[1]
+        killed: list[float] = []
+        timer = threading.Timer(0.05, lambda: (killed.append(time.monotonic()), os.kill(victim.pid, signal.SIGKILL)))
+        timer.start()  # 50 ms into the next chunk
+        seen += [(item.lane, item.chunk.index, time.monotonic()) for item in itertools.islice(stream, 8)]
+        rebuild = engine.rebuilds[0]
+        after = [t for _, _, t in seen if t > rebuild.resumed_at]
+        gaps = [b - a for a, b in zip([killed[0]] + after, after)]
+        in_order = all([i for lane, i, _ in seen if lane == l] == list(range(sum(1 for s in seen if s[0] == l))) for l in (0, 1))
+        return {
+            "on_fault": on_fault, "detected_after_s": round(rebuild.detected_at - killed[0], 3),
+            "rebuild_s": round(rebuild.resumed_at - rebuild.detected_at, 3),
+            "first_chunk_after_kill_s": round(after[0] - killed[0], 3), "largest_gap_after_s": round(max(gaps), 3),
+            "chunk_numbers_in_order": in_order, "rebuilt_as": rebuild.executor,
+        }
+
+
 def summarise(runs: list[dict], settings: Settings) -> list[dict]:
     conditions = ["single", "2 independent processes"] + [f"pipeline x{lanes}" for lanes in settings.lanes]
     rows = []
@@ -316,6 +342,21 @@ def section(dtype: str, rows: list[dict], runs: list[dict], exact: dict) -> list
     return lines + [""]
 
 
+def fault_section(faults: list[dict]) -> list[str]:
+    lines = [
+        "Stage 1 killed (SIGKILL) 50 ms into a chunk of a 2-lane stream:", "",
+        "| rebuild | detected after (s) | rebuild (s) | first new chunk after the kill (s) | largest gap after (s) "
+        "| chunk numbers in order | rebuilt as |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for fault in faults:
+        lines.append(
+            f"| {fault['on_fault']} | {fault['detected_after_s']} | {fault['rebuild_s']} | {fault['first_chunk_after_kill_s']} | "
+            f"{fault['largest_gap_after_s']} | {fault['chunk_numbers_in_order']} | {fault['rebuilt_as']} |"
+        )
+    return lines + [""]
+
+
 FOOTER = [
     f"Goal: >= {EFFICIENCY_GOAL:.0%} of {STAGES}x with 2 lanes. Speedup = throughput (chunks/s, all lanes) / the "
     "single process's. The 2-process ceiling is two independent single-process streams run at once (no "
@@ -341,7 +382,8 @@ def run_dtype(settings: Settings) -> tuple[list[dict], list[dict], dict]:
             print(f"{settings.dtype} round {round_index}: {run['condition']} {run['chunks_per_s']:.3f} chunks/s vs single "
                   f"{single['chunks_per_s']:.3f} (foreign CPU {run['foreign_cpu_percent']}%)", flush=True)
     clean = [{k: v for k, v in run.items() if not k.startswith("_")} for run in runs]
-    return summarise(runs, settings), clean, exact
+    faults = [run_fault(model, settings, policy) for policy in ("local", "fewer-stages")]
+    return summarise(runs, settings), clean, exact, faults
 
 
 def main() -> None:
@@ -372,9 +414,9 @@ def main() -> None:
     results, lines = {}, []
     command = "python benchmarks/pipeline.py " + " ".join(sys.argv[1:])
     for dtype in dtypes:
-        rows, runs, exact = run_dtype(dataclasses.replace(settings, dtype=dtype))
-        results[dtype] = {"summary": rows, "runs": runs, "bit_exact": exact}
-        lines += section(dtype, rows, runs, exact)
+        rows, runs, exact, faults = run_dtype(dataclasses.replace(settings, dtype=dtype))
+        results[dtype] = {"summary": rows, "runs": runs, "bit_exact": exact, "faults": faults}
+        lines += section(dtype, rows, runs, exact) + fault_section(faults)
     info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     suffix = "-quick" if settings.quick else ""
     args.out.mkdir(parents=True, exist_ok=True)
