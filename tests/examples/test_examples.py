@@ -7,12 +7,9 @@ from __future__ import annotations
 import glob
 import importlib.util
 import re
-import socket
 import struct
 import subprocess
 import sys
-import time
-import urllib.request
 import zlib
 from pathlib import Path
 
@@ -21,38 +18,16 @@ import pytest
 import pyvirtualcam
 import torch
 
+from tests.serving import framecast_serve
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TOKEN = "ex4mple"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def serve(*args: str):
     """Start `framecast serve <args>` on 127.0.0.1 and a free port; yield the port once /metrics answers."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "framecast.stream.cli", "serve", "--port", str(port), "--token", TOKEN, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-                    response.read()
-                break
-            except OSError:
-                assert process.poll() is None, process.stdout.read()
-                assert time.monotonic() < deadline, "the server did not answer within 60 s"
-                time.sleep(0.2)
-        yield port
-    finally:
-        process.terminate()
-        process.communicate(timeout=20)
+    with framecast_serve(*args, token=TOKEN) as served:
+        yield served.port
 
 
 @pytest.fixture(scope="module")

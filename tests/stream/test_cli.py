@@ -102,38 +102,16 @@ def test_video_input_needs_the_wan_vae(tmp_path, capsys) -> None:
 
 
 def test_serve_command_serves_the_page_and_metrics_on_loopback() -> None:
-    import socket
-    import subprocess
-    import sys
-    import time
     import urllib.request
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "framecast.stream.cli", "serve", "--port", str(port), "--token", "t0k",
-         "--height", "32", "--width", "32", "--dtype", "float32"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-                    metrics = response.read().decode()
-                break
-            except OSError:
-                assert server.poll() is None, server.stdout.read()
-                assert time.monotonic() < deadline, "server did not answer within 60 s"
-                time.sleep(0.2)
-        assert "framecast_" in metrics
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+    from tests.serving import framecast_serve
+
+    with framecast_serve("--height", "32", "--width", "32", "--dtype", "float32", token="t0k") as served:
+        with urllib.request.urlopen(f"http://127.0.0.1:{served.port}/metrics", timeout=2) as response:
+            assert "framecast_" in response.read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{served.port}/", timeout=2) as response:
             assert response.status == 200
-    finally:
-        server.terminate()
-        output = server.communicate(timeout=20)[0]
-    assert f"127.0.0.1:{port}" in output and "t0k" in output
+    assert f"127.0.0.1:{served.port}" in served.output and "t0k" in served.output
 
 
 NO_VIDEO_DEVICE = platform.system() == "Linux" and not glob.glob("/dev/video*")
