@@ -44,7 +44,7 @@ from framecast.stream.layer_split import (
     LayerCosts, balanced_split, even_split, measure_layer_seconds, move_layer, rebalance_move, split_from_sizes,
 )
 from framecast.stream.noise import GaussianNoise, NoiseSource
-from framecast.stream.wire import Kind, Packet, StageFailed
+from framecast.stream.wire import MAX_STAGES, Kind, Packet, StageFailed
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ class PipelineConfig:
     rebalance_tolerance: float = 0.15  # move only when the slowest stage gets this much faster (fraction)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.stages, int) or self.stages < 1:
-            raise ConfigError(f"stages={self.stages!r} must be a positive integer")
+        if not isinstance(self.stages, int) or not 1 <= self.stages <= MAX_STAGES:
+            raise ConfigError(f"stages={self.stages!r} must be an integer in [1, {MAX_STAGES}]")
         if self.layers_per_stage is not None and len(self.layers_per_stage) != self.stages:
             raise ConfigError(f"layers_per_stage={self.layers_per_stage} must have one entry per stage ({self.stages})")
         if self.devices is not None and len(self.devices) != self.stages:

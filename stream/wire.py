@@ -68,12 +68,12 @@ class Packet:
     stage (flow,). text: the raw prompt embedding into the first stage, the projected text between stages.
     """
 
-    lane: int
+    lane: int  # MIGRATE: the destination stage
     tensors: tuple[Tensor, ...] = ()
     text: Tensor | None = None
     reset: bool = False
     begin: Begin = Begin.NONE
-    frames: int = 0  # frames of begin_chunk
+    frames: int = 0  # frames of begin_chunk; MIGRATE: the layer that moves
     commit: bool = False
     output: bool = False  # the last stage returns the flow to the orchestrator
     actions: bool = False  # tensors carry actions (first stage only)
@@ -90,6 +90,8 @@ class Packet:
         for tensor in payload:
             if tensor.ndim > _MAX_DIMS:
                 raise ShapeError(f"tensor of {tensor.ndim} dims; packets carry at most {_MAX_DIMS}")
+            if tensor.dtype not in DTYPES:
+                raise ShapeError(f"tensor of dtype {tensor.dtype}; packets carry {[str(d) for d in DTYPES]}")
             dims = list(tensor.shape) + [0] * (_MAX_DIMS - tensor.ndim)
             slots += [DTYPES.index(tensor.dtype), tensor.ndim, *dims]
         if len(self.busy_us) > MAX_STAGES:

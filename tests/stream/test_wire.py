@@ -29,6 +29,8 @@ def test_header_round_trips_every_field() -> None:
 def test_header_refuses_what_it_cannot_describe() -> None:
     with pytest.raises(ShapeError, match="7 dims; packets carry at most 6"):
         Packet(lane=0, tensors=(torch.zeros((1,) * 7),)).header()
+    with pytest.raises(ShapeError, match="tensor of dtype torch.complex64"):
+        Packet(lane=0, tensors=(torch.zeros(2, dtype=torch.complex64),)).header()
     with pytest.raises(ShapeError, match="at most 6 tensors, not 7"):
         Packet(lane=0, tensors=tuple(torch.zeros(1) for _ in range(7))).header()
 
