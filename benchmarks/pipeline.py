@@ -72,6 +72,7 @@ class Settings:
     measured_chunks: int = 12  # per lane
     rounds: int = 3
     seed: int = 0
+    pinned_run: bool = True  # also 2 lanes with stage i pinned to CPU i
     quick: bool = False
 
     def quick_version(self) -> Settings:
@@ -192,8 +193,8 @@ def run_ceiling(model: RandomDiT, settings: Settings) -> dict:
     }
 
 
-def run_pipeline(model: RandomDiT, settings: Settings, lanes: int) -> dict:
-    pipeline = PipelineConfig(stages=STAGES, threads_per_stage=1, balance=True, stage_timeout_s=120)
+def run_pipeline(model: RandomDiT, settings: Settings, lanes: int, pin: bool = False) -> dict:
+    pipeline = PipelineConfig(stages=STAGES, threads_per_stage=1, balance=True, stage_timeout_s=120, pin_stages=pin)
     started = time.perf_counter()
     with PipelineEngine(model, engine_config(settings), prompts(model, lanes), pipeline) as engine:
         startup = time.perf_counter() - started
@@ -218,7 +219,7 @@ def run_pipeline(model: RandomDiT, settings: Settings, lanes: int) -> dict:
         assert not engine.rebuilds, engine.rebuilds
     count = settings.measured_chunks * lanes
     return {
-        "condition": f"pipeline x{lanes}", "lanes": lanes, "chunks": count, "wall_s": wall, "chunks_per_s": count / wall,
+        "condition": f"pipeline x{lanes}" + (" pinned" if pin else ""), "lanes": lanes, "chunks": count, "wall_s": wall, "chunks_per_s": count / wall,
         "startup_s": startup, "split": split, "layer_moves_while_running": migrations, "stage_call_ms_measured": stage_ms,
         "stage_utilisation": [round(b / wall, 3) for b in busy],
         "stage_cpu_share": [round(c / wall, 3) for c in cpu[1:]], "orchestrator_cpu_share": round(cpu[0] / wall, 3),
@@ -253,6 +254,7 @@ def run_fault(model: RandomDiT, settings: Settings, on_fault: str) -> dict:
 
 def summarise(runs: list[dict], settings: Settings) -> list[dict]:
     conditions = ["single", "2 independent processes"] + [f"pipeline x{lanes}" for lanes in settings.lanes]
+    conditions += ["pipeline x2 pinned"] if settings.pinned_run else []
     rows = []
     base = statistics.median(r["chunks_per_s"] for r in runs if r["condition"] == "single")
     ceiling = statistics.median(r["chunks_per_s"] for r in runs if r["condition"] == "2 independent processes") / base
@@ -374,10 +376,11 @@ def run_dtype(settings: Settings) -> tuple[list[dict], list[dict], dict]:
     for round_index in range(settings.rounds):
         single = run_single(model, settings)
         runs += [single, run_ceiling(model, settings)]
-        for lanes in settings.lanes:
-            run = run_pipeline(model, settings, lanes)
+        for lanes, pin in [(lanes, False) for lanes in settings.lanes] + ([(2, True)] if settings.pinned_run else []):
+            run = run_pipeline(model, settings, lanes, pin)
             same = all(torch.equal(a, b) for a, b in zip(run["_latents"], single["_latents"]))
-            exact[f"x{lanes}"] = exact.get(f"x{lanes}", True) and same
+            key = run["condition"].removeprefix("pipeline ")
+            exact[key] = exact.get(key, True) and same
             runs.append(run)
             print(f"{settings.dtype} round {round_index}: {run['condition']} {run['chunks_per_s']:.3f} chunks/s vs single "
                   f"{single['chunks_per_s']:.3f} (foreign CPU {run['foreign_cpu_percent']}%)", flush=True)

@@ -93,15 +93,20 @@ class PipelineExecutor:
         start_timeout_s: float = 60.0,
         stage_timeout_s: float = 10.0,
         idle_timeout_s: float = 24 * 3600.0,
+        pin: bool = False,
     ) -> None:
         specs = stage_specs(tuple(split))
+        cpus = sorted(os.sched_getaffinity(0)) if pin else []
         self.stage_timeout_s = stage_timeout_s
         port = port or free_port(addr)
         devices = list(devices) if devices else ["cpu"] * len(specs)
         context = multiprocessing.get_context("spawn")
         self.processes = []
         for spec, device in zip(specs, devices):
-            worker = WorkerSpec(spec, model, config, lanes, backend, addr, port, threads, device, start_timeout_s, idle_timeout_s)
+            worker = WorkerSpec(
+                spec, model, config, lanes, backend, addr, port, threads, device, start_timeout_s, idle_timeout_s,
+                cpus=(cpus[spec.index % len(cpus)],) if cpus else None,
+            )
             process = context.Process(target=worker_main, args=(worker, os.getpid()), daemon=True, name=f"stage-{spec.index}")
             process.start()
             self.processes.append(process)

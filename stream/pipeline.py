@@ -63,6 +63,7 @@ class PipelineConfig:
     backend: str = "gloo"  # "nccl" on GPUs
     devices: tuple[str, ...] | None = None  # one per stage; default all "cpu"
     threads_per_stage: int = 1
+    pin_stages: bool = False  # pin stage i to the i-th CPU this process may use (no migrations between cores)
     addr: str = "127.0.0.1"
     port: int | None = None  # None: a free port
     start_timeout_s: float = 60.0
@@ -171,7 +172,7 @@ class PipelineEngine:
         p = self.pipeline
         return PipelineExecutor(
             self.model, self.config, len(self.lanes), split, backend=p.backend, addr=p.addr, port=p.port,
-            threads=p.threads_per_stage, devices=p.devices[: len(split)] if p.devices else None,
+            threads=p.threads_per_stage, devices=p.devices[: len(split)] if p.devices else None, pin=p.pin_stages,
             start_timeout_s=p.start_timeout_s, stage_timeout_s=p.stage_timeout_s,
         )
 

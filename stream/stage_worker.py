@@ -39,6 +39,7 @@ class WorkerSpec:
     device: str
     start_timeout_s: float
     idle_timeout_s: float
+    cpus: tuple[int, ...] | None = None  # CPU affinity of the process (None: the OS decides)
 
     @property
     def rank(self) -> int:
@@ -82,6 +83,8 @@ def worker_main(spec: WorkerSpec, parent: int) -> None:
     """Entry point of a spawned stage process."""
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
     torch.set_num_threads(spec.threads)
+    if spec.cpus:
+        os.sched_setaffinity(0, spec.cpus)
     try:
         group = open_group(
             spec.backend, spec.addr, spec.port, spec.rank, spec.world, start_timeout_s=spec.start_timeout_s,

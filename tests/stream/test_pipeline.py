@@ -54,9 +54,12 @@ def expected() -> list[list[torch.Tensor]]:
 
 @pytest.mark.parametrize("stages", [2, 3])
 def test_pipeline_equals_single_process_engine_per_lane(stages: int, expected) -> None:
-    pipeline = PipelineConfig(stages=stages, start_timeout_s=45, stage_timeout_s=20)
+    pipeline = PipelineConfig(stages=stages, start_timeout_s=45, stage_timeout_s=20, pin_stages=stages == 3)
     with PipelineEngine(MODEL, CONFIG, [prompt(10), prompt(11)], pipeline) as engine:
         assert [len(layers) for layers in engine.split] in ([[1, 1, 1]] if stages == 3 else [[1, 2], [2, 1]])
+        if stages == 3:  # pinned round-robin over the CPUs this process may use
+            cpus = sorted(os.sched_getaffinity(0))
+            assert [os.sched_getaffinity(p.pid) for p in engine.executor.processes] == [{cpus[i % len(cpus)]} for i in range(3)]
         got: list[list[torch.Tensor]] = [[], []]
         for item in engine.chunks():
             assert item.chunk.index == len(got[item.lane])  # in order, per lane
