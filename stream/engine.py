@@ -57,6 +57,7 @@ class EngineConfig:
     sink_frames: int = 3
     sinks_follow_window: bool = False  # sinks take the positions right before the window (Rolling Forcing)
     switch_policy: SwitchPolicy = SwitchPolicy.RECACHE
+    rolling_chunks: int = 1  # > 1: chunks denoised jointly in Rolling Forcing's rolling window (stream/rolling.py)
     batch: int = 1
     seed: int = 0
     profile: bool = False  # per-stage timings (syncs the device at stage boundaries)
@@ -85,6 +86,12 @@ class EngineConfig:
         elif self.chunk_frames > self.window_frames:
             raise ConfigError(f"chunk_frames={self.chunk_frames} must be <= window_frames={self.window_frames}")
         FlowMatchSchedule(self.shift).warp(self.denoising_steps)  # raises ConfigError on a bad step list
+        if not isinstance(self.rolling_chunks, int) or isinstance(self.rolling_chunks, bool) or self.rolling_chunks < 1:
+            raise ConfigError(f"rolling_chunks={self.rolling_chunks!r} must be a positive integer (1: the chunk sampler)")
+        if self.rolling_chunks > 1:
+            from framecast.stream.rolling import check_rolling_config  # the rolling sampler's own rules
+
+            check_rolling_config(self)
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,17 @@ class LatentChunk:
 
 
 def make_memory(dit: CausalWanDiT, config: EngineConfig) -> Memory:
-    """The memory policy a model and a runtime config call for."""
+    """The memory policy a model and a runtime config call for.
+
+    Raises:
+        ConfigError: a rolling-window config (`rolling_chunks > 1`): that sampler keeps its own memory and only
+            `StreamEngine` runs it (stream/rolling.py).
+    """
+    if config.rolling_chunks > 1:
+        raise ConfigError(
+            f"rolling_chunks={config.rolling_chunks}: the rolling-window sampler keeps its own memory "
+            "(stream/rolling.py) and runs in StreamEngine only, not chunk by chunk here"
+        )
     tokens = dit.config.tokens_per_frame(config.latent_height, config.latent_width)
     if dit.config.attention is AttentionKind.LINEAR:
         return LinearState(
@@ -138,7 +155,19 @@ class LatentHistory:
 
 
 class StreamEngine:
-    """Generates latent chunks forever: `for chunk in engine.chunks(): ...`."""
+    """Generates latent chunks forever: `for chunk in engine.chunks(): ...`.
+
+    A config with `rolling_chunks > 1` gives a `RollingStreamEngine` (stream/rolling.py), Rolling Forcing's sampler
+    behind the same interface.
+    """
+
+    def __new__(cls, *args: object, **kwargs: object) -> StreamEngine:
+        config = kwargs.get("config", args[1] if len(args) > 1 else None)
+        if cls is StreamEngine and getattr(config, "rolling_chunks", 1) > 1:
+            from framecast.stream.rolling import RollingStreamEngine  # a subclass: imported here, not at the top
+
+            cls = RollingStreamEngine
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -148,7 +177,7 @@ class StreamEngine:
         noise: NoiseSource | None = None,
     ) -> None:
         self.dit, self.config = dit, config
-        self.memory = make_memory(dit, config)
+        self.memory = self._make_memory(dit, config)
         self.schedule = FlowMatchSchedule(config.shift)
         self.steps: tuple[Step, ...] = self.schedule.steps(config.denoising_steps, config.warp_steps)
         self._step_tables = {config.denoising_steps: self.steps}  # built once per list, off the hot path
@@ -168,6 +197,10 @@ class StreamEngine:
         # an action-conditioned model always sees an action; 0 is "none" by convention
         self._actions = torch.zeros(config.batch, config.chunk_frames, dtype=torch.long, device=dit.device) if dit.config.num_actions else None
         self.chunk_index = 0
+
+    def _make_memory(self, dit: CausalWanDiT, config: EngineConfig) -> Memory:
+        """The engine's memory (a subclass with a sampler of its own builds its own)."""
+        return make_memory(dit, config)
 
     # controls: validated at once, applied at the next chunk boundary
     def _encode(self, prompt: Tensor) -> TextContext:

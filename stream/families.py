@@ -11,8 +11,9 @@ attention window and sinks, the cache kind, the default prompt-switch policy, an
 Values come from each repository's inference config (sources in the comments of `FAMILIES`); the ones the configs
 leave open or contradict are marked "uncertain".
 
-Rolling Forcing is run with the standard chunk-by-chunk sampler: its rolling joint-denoising window (several chunks
-at staggered noise levels denoised together) is a sampler mode of its own that is not implemented yet.
+Rolling Forcing runs its own sampler (`rolling_window=True`, stream/rolling.py): a window of as many chunks as
+denoising steps, at staggered noise levels, denoised jointly in one DiT call per step; `engine_config` sets
+`rolling_chunks` to the number of steps kept (so `num_steps=N` gives an N-chunk window, as the reference would).
 
 This module sits above both `models/` and `stream/`: a family fixes the model *and* the runtime settings, so it
 returns the stream's `EngineConfig`. Nothing in `models/` or `stream/` imports it.
@@ -76,6 +77,7 @@ class Family:
     cache: CacheKind = CacheKind.ROLLING
     sinks_follow_window: bool = False  # sinks' RoPE positions move to sit right before the window
     switch_policy: SwitchPolicy = SwitchPolicy.KEEP
+    rolling_window: bool = False  # Rolling Forcing's sampler: one chunk per denoising step in a jointly denoised window
     lora: LoRA | None = None
     dit_preset: str = "wan2.1-t2v-1.3b"
     notes: str = ""
@@ -122,11 +124,12 @@ class Family:
         unknown = sorted(set(overrides) - fields)
         if unknown:
             raise ConfigError(f"unknown EngineConfig field(s) {unknown}; fields: {sorted(fields)}")
+        steps = self.engine_steps(num_steps)
         settings: dict[str, object] = dict(
             latent_height=latent_height,
             latent_width=latent_width,
             chunk_frames=self.chunk_frames,
-            denoising_steps=self.engine_steps(num_steps),
+            denoising_steps=steps,
             warp_steps=self.warps_steps,
             shift=self.shift,
             cache=self.cache,
@@ -134,6 +137,7 @@ class Family:
             sink_frames=self.sink_frames,
             sinks_follow_window=self.sinks_follow_window,
             switch_policy=self.switch_policy,
+            rolling_chunks=len(steps) if self.rolling_window else 1,
         )
         return EngineConfig(**{**settings, **overrides})
 
@@ -216,11 +220,12 @@ FAMILIES: dict[str, Family] = {
             sink_frames=0,
             switch_policy=SwitchPolicy.KEEP,  # its demo swaps the prompt and keeps the cache
         ),
-        # TencentARC/RollingForcing configs/rolling_forcing_dmd.yaml (via forks of the official repo): steps
-        # 1000, 800, 600, 400, 200 warped, timestep_shift 5.0, num_frame_per_block 3; README runs --use_ema.
-        # Its cache attends over 21 frames and keeps the first block (3 frames) as an attention sink.
-        # The reference re-rotates the sink's keys to sit just before the window (sinks_follow_window). Uncertain:
-        # whether it places them exactly adjacent to the oldest window frame, as our KVCache does.
+        # TencentARC/RollingForcing configs/rolling_forcing_dmd.yaml: steps 1000, 800, 600, 400, 200 warped,
+        # timestep_shift 5.0, num_frame_per_block 3; README runs --use_ema. pipeline/rolling_forcing_inference.py
+        # denoises a window of 5 chunks (one per step) jointly; wan/modules/causal_model.py attends over 21 frames:
+        # the first block (3 frames) as a sink re-roped to sit right before the 3 newest cached frames it keeps
+        # (sinks_follow_window), then the 15-frame window; the clean context pass attends to the newest 21 cached
+        # frames without the sink (stream/rolling.py has the details).
         Family(
             name="rolling-forcing",
             source="https://huggingface.co/TencentARC/RollingForcing (checkpoints/rolling_forcing_dmd.pt; "
@@ -236,7 +241,9 @@ FAMILIES: dict[str, Family] = {
             sink_frames=3,
             sinks_follow_window=True,
             switch_policy=SwitchPolicy.KEEP,  # single-prompt reference; KEEP is our choice
-            notes="runs with the standard chunk sampler; the rolling joint-denoising window is not implemented yet",
+            rolling_window=True,
+            notes="rolling joint-denoising window (stream/rolling.py): 5 chunks at staggered steps, one DiT call "
+            "per step; the first chunk comes after a 5-slide warm-up",
         ),
     )
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from framecast.kernels.attention import attention
 from framecast.models.config import AttentionKind
 from framecast.models.dit import CausalWanDiT
 from framecast.models.memory import BlockCausal
@@ -61,4 +62,111 @@ def reference_stream(
             context.append(renoise(x0, noise.draw(shape, dit.dtype, dit.device), sigma))
         else:
             context.append(x0)
+    return torch.cat(clean, dim=1)
+
+
+class _Masked:
+    """One whole sequence under an explicit frame-level mask and explicit RoPE positions (no memory)."""
+
+    committed_frames = 0
+    nbytes = 0
+
+    def __init__(self, positions: list[int], visible: Tensor, tokens_per_frame: int, device: torch.device) -> None:
+        self.positions = tuple(positions)
+        self.mask = visible.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1).to(device)
+
+    def rope_positions(self) -> tuple[int, ...]:
+        return self.positions
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return attention(q, k, v, mask=self.mask)
+
+
+@torch.inference_mode()
+def reference_rolling_stream(
+    dit: CausalWanDiT,
+    config: EngineConfig,
+    prompt: Tensor,
+    noise: NoiseSource,
+    num_chunks: int,
+    actions: Tensor | None = None,
+) -> Tensor:
+    """The rolling-window sampler (stream/rolling.py) without a cache: clean latents [B, num_chunks * chunk_frames,
+    C, H, W]. One prompt; softmax attention; the rolling cache; the context pass without sinks (the reference's).
+
+    Every joint pass is one DiT call over the whole history: the context latents of every emitted frame (each chunk
+    attends, block-causally, to the newest `window_frames` frames up to its end: that is how its keys were made),
+    then, with `sinks_follow_window`, a copy of the sink frames at the positions right before the oldest cached
+    frame the window sees (block-causal among themselves, so their keys are the sinks' keys moved), then the window
+    (each chunk at its own step) attending to the sinks, the newest `window_frames - sink_frames - window` emitted
+    frames, and the whole window without a mask. Noise is drawn in the sampler's order.
+    """
+    schedule = FlowMatchSchedule(config.shift)
+    steps = schedule.steps(config.denoising_steps, config.warp_steps)
+    n, batch, rolling = config.chunk_frames, config.batch, config.rolling_chunks
+    per_slide = len(steps) // rolling
+    shape = (batch, n, dit.config.in_dim, config.latent_height, config.latent_width)
+    text = dit.encode_text((prompt if prompt.ndim == 3 else prompt.unsqueeze(0)).expand(batch, -1, -1))
+    tokens = dit.config.tokens_per_frame(config.latent_height, config.latent_width)
+    window_frames, sink = config.window_frames, config.sink_frames
+    past = window_frames - sink - rolling * n
+    context: list[Tensor] = []  # what each emitted chunk's context pass saw
+    clean: list[Tensor] = []
+    in_flight: list[list] = []  # [chunk index, latents, steps done]
+    admitted = 0
+
+    def joint_pass() -> None:
+        committed = len(context) * n
+        sinks = min(sink, committed)
+        oldest_past = min(max(sink, committed - past), committed)
+        follow = config.sinks_follow_window and sinks > 0
+        copies = sinks if follow else 0
+        window = len(in_flight) * n
+        total = committed + copies + window
+        visible = torch.zeros(total, total, dtype=torch.bool)
+        for frame in range(committed):  # emitted frames, as their context pass saw the ones before them
+            end = (frame // n + 1) * n
+            visible[frame, max(0, end - window_frames) : end] = True
+        for frame in range(copies):  # the sink copies: block-causal among themselves
+            visible[committed + frame, committed : committed + (frame // n + 1) * n] = True
+        rows = slice(committed + copies, total)
+        visible[rows, committed : committed + copies] = True
+        if not follow:
+            visible[rows, :sinks] = True
+        visible[rows, oldest_past:committed] = True
+        visible[rows, committed + copies :] = True
+        anchor = oldest_past - sinks
+        positions = [*range(committed), *range(anchor, anchor + copies), *range(committed, committed + window)]
+        latents = torch.cat([*context, *context[: copies // n], *[chunk[1] for chunk in in_flight]], dim=1)
+        timesteps = torch.cat(
+            [torch.full((batch, committed + copies), float(config.context_noise))]
+            + [torch.full((batch, n), steps[chunk[2]].timestep) for chunk in in_flight],
+            dim=1,
+        )
+        frame_actions = None
+        if actions is not None:
+            first = in_flight[0][0] * n
+            window_actions = actions[:, first : first + window]
+            frame_actions = torch.cat([actions[:, :committed], actions[:, :copies], window_actions], dim=1)
+        memory = _Masked(positions, visible, tokens, dit.device)
+        flow = dit(latents, timesteps, text, memory, frame_actions)[:, committed + copies :]
+        for position, chunk in enumerate(in_flight):
+            step = steps[chunk[2]]
+            x0 = to_clean(chunk[1], flow[:, position * n : (position + 1) * n], step.sigma)
+            chunk[2] += 1
+            chunk[1] = x0 if step.is_last else renoise(x0, noise.draw(shape, dit.dtype, dit.device), step.next_sigma)
+
+    while len(clean) < num_chunks:
+        in_flight.append([admitted, noise.draw(shape, dit.dtype, dit.device), 0])
+        admitted += 1
+        for _ in range(per_slide):
+            joint_pass()
+        if in_flight[0][2] == len(steps):
+            x0 = in_flight.pop(0)[1]
+            clean.append(x0)
+            if config.context_noise:
+                sigma = schedule.sigma_at(float(config.context_noise))
+                context.append(renoise(x0, noise.draw(shape, dit.dtype, dit.device), sigma))
+            else:
+                context.append(x0)
     return torch.cat(clean, dim=1)

@@ -28,6 +28,7 @@ from framecast.stream.families import (
     resolve_weights,
 )
 from framecast.stream.engine import CacheKind, EngineConfig, StreamEngine, SwitchPolicy
+from framecast.stream.rolling import RollingStreamEngine
 from framecast.stream.sampler import FlowMatchSchedule
 
 TINY = preset("tiny")
@@ -152,6 +153,7 @@ def test_family_loads_its_release_and_streams(name: str, tmp_path: Path, weights
     config = fam.engine_config(latent_height=4, latent_width=4)
     prompt = torch.randn(1, 5, TINY.text_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     engine = StreamEngine(dit, config, prompt)
+    assert isinstance(engine, RollingStreamEngine) == (name == "rolling-forcing")  # Rolling Forcing's own sampler
     chunks = [engine.next_chunk() for _ in range(3)]
     for index, chunk in enumerate(chunks):
         assert chunk.latents.shape == (1, fam.chunk_frames, TINY.in_dim, 4, 4)
@@ -207,7 +209,11 @@ def test_published_values() -> None:
     assert (longlive_config.window_frames, longlive_config.sink_frames) == (12, 3)
     assert longlive_config.switch_policy is SwitchPolicy.RECACHE
     assert family("longlive").lora == LoRA("lora.pt", rank=256, alpha=256.0)
-    assert "not implemented" in family("rolling-forcing").notes
+    rolling_config = family("rolling-forcing").engine_config()
+    assert rolling_config.rolling_chunks == 5 and family("rolling-forcing").engine_config(num_steps=3).rolling_chunks == 3
+    assert (rolling_config.window_frames, rolling_config.sink_frames, rolling_config.sinks_follow_window) == (21, 3, True)
+    assert "not implemented" not in family("rolling-forcing").notes
+    assert all(family(name).engine_config().rolling_chunks == 1 for name in FAMILIES if name != "rolling-forcing")
 
 
 @pytest.mark.parametrize("name", ["causvid", "streamdiffusionv2"])
