@@ -69,6 +69,9 @@ class PipelineConfig:
     start_timeout_s: float = 60.0
     stage_timeout_s: float = 10.0  # an awaited output later than this is a hung stage
     on_fault: str = "local"  # "local": go on in this process; "fewer-stages": N-1 fresh stage processes
+    # torch threads of this process after a one-process rebuild (None: threads_per_stage, so the fallback runs like
+    # one stage doing every layer). An OpenMP pool wider than the free cores stalls on every op of a loaded machine.
+    fallback_threads: int | None = None
     max_rebuilds: int = 3
     rebalance: bool = True  # move layers between neighbouring stages while running when their measured times differ
     rebalance_window: int = 32  # outputs (denoising steps) per measurement window
@@ -86,6 +89,8 @@ class PipelineConfig:
         for name in ("start_timeout_s", "stage_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be > 0")
+        if self.fallback_threads is not None and (not isinstance(self.fallback_threads, int) or self.fallback_threads < 1):
+            raise ConfigError(f"fallback_threads={self.fallback_threads!r} must be a positive integer or None")
         if not isinstance(self.rebalance_window, int) or self.rebalance_window < 1:
             raise ConfigError(f"rebalance_window={self.rebalance_window!r} must be a positive integer")
         if not 0 <= self.rebalance_tolerance < 1:
@@ -294,6 +299,7 @@ class PipelineEngine:
         else:
             self.split = (range(self.dit_config.num_layers),)
             dit, self.standby = self.standby or self.model("cpu"), None
+            torch.set_num_threads(self.pipeline.fallback_threads or self.pipeline.threads_per_stage)
             self.executor = LocalExecutor(dit, self.config, len(self.lanes))
         for lane in self.lanes:
             programs[lane.index] = lane.restore_program()
