@@ -140,8 +140,9 @@ def prompts(model: RandomDiT, lanes: int) -> list[torch.Tensor]:
     return [torch.randn(1, model.config.text_len, model.config.text_dim, generator=generator) for _ in range(lanes)]
 
 
-def run_single(model: RandomDiT, settings: Settings) -> dict:
-    """The baseline: one process, one torch thread."""
+def run_single(model: RandomDiT, settings: Settings, threads: int = 1) -> dict:
+    """The baseline: one process, one torch thread (threads=2: the other way to use both cores, for reference)."""
+    torch.set_num_threads(threads)
     engine = StreamEngine(model(), engine_config(settings), prompts(model, 1)[0])
     stream = engine.chunks()
     chunks = [next(stream).latents for _ in range(settings.warmup_chunks)]  # kept for the bit-exactness check
@@ -153,8 +154,10 @@ def run_single(model: RandomDiT, settings: Settings) -> dict:
             chunks.append(chunk.latents)
             seconds.append(chunk.seconds)
         wall = time.perf_counter() - start
+    torch.set_num_threads(1)
     return {
-        "condition": "single", "lanes": 1, "chunks": settings.measured_chunks, "wall_s": wall,
+        "condition": "single" if threads == 1 else f"single, {threads} threads", "lanes": 1,
+        "chunks": settings.measured_chunks, "wall_s": wall,
         "chunks_per_s": settings.measured_chunks / wall, "chunk_median_ms": 1000 * statistics.median(seconds),
         "foreign_cpu_percent": round(load.percent, 1), "_latents": chunks,
     }
@@ -253,7 +256,7 @@ def run_fault(model: RandomDiT, settings: Settings, on_fault: str) -> dict:
 
 
 def summarise(runs: list[dict], settings: Settings) -> list[dict]:
-    conditions = ["single", "2 independent processes"] + [f"pipeline x{lanes}" for lanes in settings.lanes]
+    conditions = ["single", "single, 2 threads", "2 independent processes"] + [f"pipeline x{lanes}" for lanes in settings.lanes]
     conditions += ["pipeline x2 pinned"] if settings.pinned_run else []
     rows = []
     base = statistics.median(r["chunks_per_s"] for r in runs if r["condition"] == "single")
@@ -361,7 +364,8 @@ def fault_section(faults: list[dict]) -> list[str]:
 
 FOOTER = [
     f"Goal: >= {EFFICIENCY_GOAL:.0%} of {STAGES}x with 2 lanes. Speedup = throughput (chunks/s, all lanes) / the "
-    "single process's. The 2-process ceiling is two independent single-process streams run at once (no "
+    "single process's (1 thread). 'single, 2 threads' is the other way to use both cores for one stream (intra-op "
+    "threads), for reference. The 2-process ceiling is two independent single-process streams run at once (no "
     "communication): what two busy cores of this machine deliver together. Stage utilisation = a stage's compute seconds (reported in every packet) / the window's wall "
     "time: what is missing from 100 % is waiting for the other stage, the orchestrator (sampler, noise) and the "
     "transport. Stage CPU share = CPU seconds the stage process got / wall time: below its utilisation, the stage "
@@ -375,7 +379,7 @@ def run_dtype(settings: Settings) -> tuple[list[dict], list[dict], dict]:
     runs, exact = [], {}
     for round_index in range(settings.rounds):
         single = run_single(model, settings)
-        runs += [single, run_ceiling(model, settings)]
+        runs += [single, run_single(model, settings, threads=2), run_ceiling(model, settings)]
         for lanes, pin in [(lanes, False) for lanes in settings.lanes] + ([(2, True)] if settings.pinned_run else []):
             run = run_pipeline(model, settings, lanes, pin)
             same = all(torch.equal(a, b) for a, b in zip(run["_latents"], single["_latents"]))
