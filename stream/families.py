@@ -13,7 +13,8 @@ leave open or contradict are marked "uncertain".
 
 Rolling Forcing runs its own sampler (`rolling_window=True`, stream/rolling.py): a window of as many chunks as
 denoising steps, at staggered noise levels, denoised jointly in one DiT call per step; `engine_config` sets
-`rolling_chunks` to the number of steps kept (so `num_steps=N` gives an N-chunk window, as the reference would).
+`rolling_chunks` to the number of steps used (so `num_steps=N`, or a step list of N, gives an N-chunk window, as
+the reference would).
 
 This module sits above both `models/` and `stream/`: a family fixes the model *and* the runtime settings, so it
 returns the stream's `EngineConfig`. Nothing in `models/` or `stream/` imports it.
@@ -137,9 +138,11 @@ class Family:
             sink_frames=self.sink_frames,
             sinks_follow_window=self.sinks_follow_window,
             switch_policy=self.switch_policy,
-            rolling_chunks=len(steps) if self.rolling_window else 1,
         )
-        return EngineConfig(**{**settings, **overrides})
+        settings.update(overrides)
+        if self.rolling_window and "rolling_chunks" not in overrides:  # one chunk per step, of the list used
+            settings["rolling_chunks"] = len(settings["denoising_steps"])
+        return EngineConfig(**settings)
 
 
 FAMILIES: dict[str, Family] = {

@@ -211,6 +211,8 @@ def test_published_values() -> None:
     assert family("longlive").lora == LoRA("lora.pt", rank=256, alpha=256.0)
     rolling_config = family("rolling-forcing").engine_config()
     assert rolling_config.rolling_chunks == 5 and family("rolling-forcing").engine_config(num_steps=3).rolling_chunks == 3
+    assert family("rolling-forcing").engine_config(denoising_steps=(1000, 500)).rolling_chunks == 2  # e.g. --steps
+    assert family("rolling-forcing").engine_config(rolling_chunks=1).rolling_chunks == 1  # the chunk sampler
     assert (rolling_config.window_frames, rolling_config.sink_frames, rolling_config.sinks_follow_window) == (21, 3, True)
     assert "not implemented" not in family("rolling-forcing").notes
     assert all(family(name).engine_config().rolling_chunks == 1 for name in FAMILIES if name != "rolling-forcing")

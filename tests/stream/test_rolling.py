@@ -13,6 +13,7 @@ from framecast.models.config import AttentionKind, preset
 from framecast.models.dit import CausalWanDiT
 from framecast.models.errors import ConfigError
 from framecast.stream.engine import CacheKind, EngineConfig, StreamEngine, SwitchPolicy, make_memory
+from framecast.stream.families import family
 from framecast.stream.noise import GaussianNoise
 from framecast.stream.reference import reference_rolling_stream
 from framecast.stream.rolling import RollingStreamEngine, RollingWindowMemory
@@ -46,13 +47,15 @@ CASES = {
     "two-steps-per-slide": config(rolling_chunks=2, window_frames=9, chunk_frames=3, sink_frames=3, shift=3.0),
     "unwarped-3-steps": config(denoising_steps=(1000, 757, 522), warp_steps=False, rolling_chunks=3, window_frames=10),
     "chunk-of-one": config(chunk_frames=1, sink_frames=1, window_frames=7),
+    # the rolling-forcing preset itself at a tiny latent size: 5 chunks of 3, 21-frame window, a 3-frame sink
+    "rolling-forcing-preset": family("rolling-forcing").engine_config(2, 2),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_rolling_engine_equals_cache_free_reference(name: str) -> None:
     settings = CASES[name]
-    num_chunks = 12 // settings.chunk_frames  # well past the window: frames are evicted, sinks move
+    num_chunks = max(12, 2 * settings.window_frames) // settings.chunk_frames  # past the window: eviction, sinks move
     dit = tiny_dit()
     engine = StreamEngine(dit, settings, prompt(batch=settings.batch), noise=GaussianNoise(7))
     assert isinstance(engine, RollingStreamEngine)
