@@ -54,6 +54,7 @@ class Lane:
         self._pending_actions: Tensor | None = None
         self._pending_reset = False
         self.chunk_index = 0
+        self.step_list: tuple[int, ...] | None = None  # a shorter step list for the next chunks (None: all steps)
         self._noise_state: Tensor | None = None
 
     # controls, as StreamEngine takes them: checked now, applied at the next chunk boundary
@@ -98,6 +99,13 @@ class Lane:
         with self._lock:
             self._pending_reset = True
 
+    def set_steps(self, steps: Sequence[int] | None) -> None:
+        """Denoise the next chunks with a sub-list of the configured steps (a deadline scheduler's degradation), or
+        with all of them again (None). Raises ConfigError now for a list the engine would refuse."""
+        if steps is not None:
+            self._steps_for(steps)
+        self.step_list = tuple(steps) if steps is not None else None
+
     def _restart(self) -> None:
         self.ledger.reset()
         self.history.stop = 0
@@ -117,7 +125,9 @@ class Lane:
 
     # one chunk, as StreamEngine.next_chunk computes it
     def chunk_program(self, steps: Sequence[int] | None = None) -> Program:
+        """The packets of the next chunk (see the module docstring); `steps` default: `step_list`, else all steps."""
         start = time.perf_counter()
+        steps = steps if steps is not None else self.step_list
         with self._lock:
             prompt, self._pending_prompt = self._pending_prompt, None
             actions, self._pending_actions = self._pending_actions, None

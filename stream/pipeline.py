@@ -203,6 +203,10 @@ class PipelineEngine:
     def reset(self, lane: int) -> None:
         self.lanes[lane].reset()
 
+    def set_steps(self, lane: int, steps: Sequence[int] | None) -> None:
+        """Fewer denoising steps for a lane's next chunks (a sub-list keeping the first step), or all again (None)."""
+        self.lanes[lane].set_steps(steps)
+
     # the orchestration loop
     def chunks(self) -> Iterator[LaneChunk]:
         """Chunks of all lanes as they complete, forever. A lane's next chunk starts (and takes its controls) when

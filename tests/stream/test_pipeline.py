@@ -113,9 +113,10 @@ def test_unequal_stage_times_move_layers_while_running() -> None:
         assert engine.split == (range(0, 2), range(2, 4))
 
 
-def run_lane(lane: Lane, executor: LocalExecutor, chunks: int, controls=None) -> list[torch.Tensor]:
+def run_lane(lane: Lane, executor: LocalExecutor, chunks: int, controls, fewer) -> list[torch.Tensor]:
     out = []
     for index in range(chunks):
+        lane.set_steps(fewer if index == 3 else None)
         program, value = lane.chunk_program(), None
         try:
             while True:
@@ -124,15 +125,15 @@ def run_lane(lane: Lane, executor: LocalExecutor, chunks: int, controls=None) ->
                 value = executor.result().tensors[0] if packet.output else None
         except StopIteration as stop:
             out.append(stop.value.latents)
-        if controls:
-            controls(index)
+        controls(index)
     return out
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_any_layer_split_in_one_process_equals_the_engine(seed: int) -> None:
     """The stage logic without transport, on the engine test's random configs (caches, linear attention, actions,
-    batch 2, context noise), every split of the layers, and a prompt switch of each policy."""
+    batch 2, context noise), every split of the layers, a prompt switch of each policy, and a chunk with fewer
+    steps."""
     dit, config, first = random_case(seed)
     layers = dit.config.num_layers
     policy = list(SwitchPolicy)[seed % 3]
@@ -142,20 +143,21 @@ def test_any_layer_split_in_one_process_equals_the_engine(seed: int) -> None:
     def switch(target):
         return lambda index: target.set_prompt(second, policy) if index == 1 else None
 
+    fewer = config.denoising_steps[:1] if len(config.denoising_steps) > 1 else None  # chunk 3: the first step only
     engine = StreamEngine(dit, config, first, noise=GaussianNoise(seed))
-    expected = run_engine(engine, chunks, switch(engine))
+    expected = run_engine(engine, chunks, switch(engine), fewer)
     for cut in range(1, layers) if layers > 1 else [None]:
         split = (range(0, cut), range(cut, layers)) if cut else (range(layers),)
         lane = Lane(0, dit.config, config, first, dit.dtype, GaussianNoise(seed))
-        got = run_lane(lane, LocalExecutor(dit, config, 1, split), chunks, switch(lane))
+        got = run_lane(lane, LocalExecutor(dit, config, 1, split), chunks, switch(lane), fewer)
         for index, (a, b) in enumerate(zip(expected, got)):
             assert torch.equal(a, b), f"split {split} chunk {index} differs"
 
 
-def run_engine(engine: StreamEngine, chunks: int, controls) -> list[torch.Tensor]:
+def run_engine(engine: StreamEngine, chunks: int, controls, fewer) -> list[torch.Tensor]:
     out = []
     for index in range(chunks):
-        out.append(engine.next_chunk().latents)
+        out.append(engine.next_chunk(steps=fewer if index == 3 else None).latents)
         controls(index)
     return out
 
@@ -228,5 +230,7 @@ def test_pipeline_config_errors_name_the_value() -> None:
         PipelineConfig(stages=2, layers_per_stage=(3,))
     with pytest.raises(ConfigError, match="on_fault='restart'"):
         PipelineConfig(on_fault="restart")
+    with pytest.raises(ConfigError, match=r"steps=\(750,\) must be a sub-list"):
+        Lane(0, MODEL.config, CONFIG, prompt(1), torch.float64).set_steps((750,))
     with pytest.raises(ConfigError, match="add up to num_layers=3"):
         PipelineEngine(MODEL, CONFIG, [prompt(1)], PipelineConfig(stages=2, layers_per_stage=(1, 1), standby=False))
