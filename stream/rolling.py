@@ -4,7 +4,7 @@ Read from TencentARC/RollingForcing (commit a1477d0): `pipeline/rolling_forcing_
 (`CausalInferencePipeline.inference_rolling_forcing`) and the KV-cache branch of `CausalWanSelfAttention.forward` in
 `wan/modules/causal_model.py`. With S denoising steps the reference's window holds R = S chunks; here R is
 `EngineConfig.rolling_chunks`, any divisor of S, and each slide of the window advances every chunk by g = S / R steps
-(R = S is the reference, R = 1 is the standard chunk sampler).
+(R = S is the reference; R = 1 with `context_sinks=True`, or without sinks, is the standard chunk sampler).
 
     window, front (oldest) to back:   chunk k-R+1   ...   chunk k-1   chunk k
     steps the chunk runs this slide:  last g steps  ...   steps g..2g-1   steps 0..g-1
@@ -109,7 +109,9 @@ class RollingWindowMemory:
     """The rolling sampler's memory: clean K/V of emitted frames, read two ways (see the module docstring).
 
     Wraps a `KVCache` (`self.ring`) that the context passes (and a recache) use as they are; the joint passes
-    (`begin_window` ... `end_window`) read its buffers and a copy of the sinks' K/V, and write nothing.
+    (`begin_window` ... `end_window`) read its buffers (through its slot and position helpers) and a copy of the
+    sinks' K/V, and write nothing. Lifecycle: `begin_window(n)` -> DiT call -> `end_window()` for a joint pass;
+    `begin_chunk(n)` | `begin_recache()` -> DiT call -> `commit()` for a context pass, as every `Memory`.
     """
 
     def __init__(
@@ -154,8 +156,6 @@ class RollingWindowMemory:
         self.sink_values = torch.zeros(sink_shape, dtype=dtype, device=device)
         self.moved_sink_keys = torch.zeros(sink_shape, dtype=dtype, device=device) if sinks_follow_window else None
         self.reset()
-
-    per_layer_buffers = ("sink_keys", "sink_values", "moved_sink_keys")  # besides the ring's
 
     @property
     def nbytes(self) -> int:
