@@ -40,7 +40,10 @@ Controls act at emission boundaries, as in `StreamEngine`: a new prompt is seen 
 next joint pass on (one DiT call has one text context), so the first chunk denoised entirely under it is emitted R - 1
 chunks later; each chunk keeps the actions that were set when it entered the window. RESET drops the chunks in
 flight (the stream warms up again); RECACHE re-encodes the cached frames (the sinks too while they are among them).
-Not supported here: fewer steps for one chunk (`next_chunk(steps=...)`), video-to-video `source`, the full cache,
+The reference's last windows of a finite video (no new noise; the window drains) and its video-extension input
+(`initial_latent`) have no counterpart in an endless stream. Its KV path hard-codes a 3-frame block as the sink, a
+21-frame attention span and a 24-frame cache; here they are `sink_frames`, `window_frames` and what the two passes
+need. Not supported here: fewer steps for one chunk (`next_chunk(steps=...)`), video-to-video `source`, the full cache,
 linear attention, and the layer pipeline (`make_memory` refuses a rolling config).
 """
 
