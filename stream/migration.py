@@ -40,13 +40,14 @@ def pack(tensors: Sequence[Tensor]) -> Tensor:
 
 def unpack(blob: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     """The inverse of pack, given tensors of the same shapes and dtypes."""
+    expected = sum(_padded(t.numel() * t.element_size()) for t in like)
+    if expected != blob.numel():
+        raise ConfigError(f"layer blob of {blob.numel()} bytes; this stage expects {expected}")
     out, offset = [], 0
     for tensor in like:
         nbytes = tensor.numel() * tensor.element_size()
         out.append(blob[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape))
         offset += _padded(nbytes)
-    if offset != blob.numel():
-        raise ConfigError(f"layer blob of {blob.numel()} bytes; this stage expects {offset}")
     return out
 
 
