@@ -231,10 +231,10 @@ def run_pipeline(model: RandomDiT, settings: Settings, lanes: int, pin: bool = F
     }
 
 
-def run_fault(model: RandomDiT, settings: Settings, on_fault: str) -> dict:
+def run_fault(model: RandomDiT, settings: Settings, on_fault: str, spares: int = 0) -> dict:
     """Kill stage 1 (SIGKILL) in the middle of a 2-lane stream; how long until the stream goes on, and are the
     chunk numbers of each lane still 0, 1, 2, ... without a gap or a repeat?"""
-    pipeline = PipelineConfig(stages=STAGES, threads_per_stage=1, stage_timeout_s=120, on_fault=on_fault)
+    pipeline = PipelineConfig(stages=STAGES, threads_per_stage=1, stage_timeout_s=120, on_fault=on_fault, spares=spares)
     with PipelineEngine(model, engine_config(settings), prompts(model, 2), pipeline) as engine:
         stream = engine.chunks()
         seen = [(item.lane, item.chunk.index, time.monotonic()) for item in itertools.islice(stream, 2 * settings.warmup_chunks)]
@@ -248,7 +248,7 @@ def run_fault(model: RandomDiT, settings: Settings, on_fault: str) -> dict:
         gaps = [b - a for a, b in zip([killed[0]] + after, after)]
         in_order = all([i for lane, i, _ in seen if lane == l] == list(range(sum(1 for s in seen if s[0] == l))) for l in (0, 1))
         return {
-            "on_fault": on_fault, "detected_after_s": round(rebuild.detected_at - killed[0], 3),
+            "on_fault": on_fault + (f", {spares} warm spare(s)" if spares else ""), "detected_after_s": round(rebuild.detected_at - killed[0], 3),
             "rebuild_s": round(rebuild.resumed_at - rebuild.detected_at, 3),
             "first_chunk_after_kill_s": round(after[0] - killed[0], 3), "largest_gap_after_s": round(max(gaps), 3),
             "chunk_numbers_in_order": in_order, "rebuilt_as": rebuild.executor,
@@ -389,7 +389,8 @@ def run_dtype(settings: Settings) -> tuple[list[dict], list[dict], dict]:
             print(f"{settings.dtype} round {round_index}: {run['condition']} {run['chunks_per_s']:.3f} chunks/s vs single "
                   f"{single['chunks_per_s']:.3f} (foreign CPU {run['foreign_cpu_percent']}%)", flush=True)
     clean = [{k: v for k, v in run.items() if not k.startswith("_")} for run in runs]
-    faults = [run_fault(model, settings, policy) for policy in ("local", "fewer-stages")]
+    faults = [run_fault(model, settings, policy, spares) for policy, spares in
+              (("local", 0), ("fewer-stages", 0), ("fewer-stages", 1))]
     return summarise(runs, settings), clean, exact, faults
 
 

@@ -19,7 +19,7 @@ from typing import Protocol
 from framecast.models.dit import CausalWanDiT
 from framecast.stream.engine import EngineConfig
 from framecast.stream.stage import Stage, stage_specs
-from framecast.stream.stage_worker import WorkerSpec, worker_main
+from framecast.stream.stage_worker import WorkerSpec, spare_main, worker_main
 from framecast.stream.wire import Kind, Packet, StageFailed, free_port, open_group, wait_watched, watched
 
 
@@ -71,6 +71,44 @@ def _kill_and_join(processes: list, receiver: threading.Thread | None) -> None:
         receiver.join(2.0)
 
 
+class SparePool:
+    """Warm spare stage processes (torch imported, model built) waiting for a stage: a rebuild onto fresh processes
+    then costs the group's rendezvous, not a process start and a model load."""
+
+    def __init__(self, model: Callable[..., CausalWanDiT], count: int, threads: int = 1, device: str = "cpu") -> None:
+        self.model, self.threads, self.device = model, threads, device
+        self._spares: list = []
+        self.add(count)
+
+    def add(self, count: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        for _ in range(count):
+            mine, theirs = context.Pipe()
+            process = context.Process(
+                target=spare_main, args=(self.model, self.device, self.threads, theirs, os.getpid()), daemon=True,
+                name="spare stage",
+            )
+            process.start()
+            self._spares.append((process, mine))
+
+    def take(self, count: int) -> list:
+        """Up to `count` live spares, as (process, control pipe) pairs; they leave the pool."""
+        self._spares = [(process, pipe) for process, pipe in self._spares if process.is_alive()]
+        taken, self._spares = self._spares[:count], self._spares[count:]
+        return taken
+
+    def __len__(self) -> int:
+        return sum(1 for process, _ in self._spares if process.is_alive())
+
+    def close(self) -> None:
+        for process, pipe in self._spares:
+            pipe.close()
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
+        self._spares.clear()
+
+
 class PipelineExecutor:
     """One spawned process per stage, joined in a process group with this process as rank 0.
 
@@ -94,7 +132,9 @@ class PipelineExecutor:
         stage_timeout_s: float = 10.0,
         idle_timeout_s: float = 24 * 3600.0,
         pin: bool = False,
+        spares: list | None = None,
     ) -> None:
+        """`spares`: (process, pipe) pairs from a SparePool, used for the first stages instead of new processes."""
         specs = stage_specs(tuple(split))
         cpus = sorted(os.sched_getaffinity(0)) if pin else []
         self.stage_timeout_s = stage_timeout_s
@@ -107,8 +147,12 @@ class PipelineExecutor:
                 spec, model, config, lanes, backend, addr, port, threads, device, start_timeout_s, idle_timeout_s,
                 cpus=(cpus[spec.index % len(cpus)],) if cpus else None,
             )
-            process = context.Process(target=worker_main, args=(worker, os.getpid()), daemon=True, name=f"stage-{spec.index}")
-            process.start()
+            if spares:
+                process, pipe = spares.pop(0)
+                pipe.send(worker)
+            else:
+                process = context.Process(target=worker_main, args=(worker, os.getpid()), daemon=True, name=f"stage-{spec.index}")
+                process.start()
             self.processes.append(process)
         self.specs = specs
         self.stage_busy_s = [0.0] * len(specs)  # each stage's compute seconds, as of the newest output

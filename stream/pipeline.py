@@ -38,7 +38,7 @@ from framecast.models.config import DiTConfig
 from framecast.models.dit import CausalWanDiT
 from framecast.models.errors import ConfigError
 from framecast.stream.engine import EngineConfig, LatentChunk, SwitchPolicy
-from framecast.stream.executors import Executor, LocalExecutor, PipelineExecutor
+from framecast.stream.executors import Executor, LocalExecutor, PipelineExecutor, SparePool
 from framecast.stream.lane import Lane, Program
 from framecast.stream.layer_split import (
     LayerCosts, balanced_split, even_split, measure_layer_seconds, move_layer, rebalance_move, split_from_sizes,
@@ -69,6 +69,7 @@ class PipelineConfig:
     start_timeout_s: float = 60.0
     stage_timeout_s: float = 10.0  # an awaited output later than this is a hung stage
     on_fault: str = "local"  # "local": go on in this process; "fewer-stages": N-1 fresh stage processes
+    spares: int = 0  # warm spare stage processes kept for "fewer-stages" rebuilds (refilled after each use)
     # torch threads of this process after a one-process rebuild (None: threads_per_stage, so the fallback runs like
     # one stage doing every layer). An OpenMP pool wider than the free cores stalls on every op of a loaded machine.
     fallback_threads: int | None = None
@@ -84,6 +85,8 @@ class PipelineConfig:
             raise ConfigError(f"layers_per_stage={self.layers_per_stage} must have one entry per stage ({self.stages})")
         if self.devices is not None and len(self.devices) != self.stages:
             raise ConfigError(f"devices={self.devices} must have one entry per stage ({self.stages})")
+        if not isinstance(self.spares, int) or self.spares < 0:
+            raise ConfigError(f"spares={self.spares!r} must be an integer >= 0")
         if self.on_fault not in FAULT_POLICIES:
             raise ConfigError(f"on_fault={self.on_fault!r} must be one of {FAULT_POLICIES}")
         for name in ("start_timeout_s", "stage_timeout_s"):
@@ -152,7 +155,13 @@ class PipelineEngine:
         self.migrations: list[tuple[int, int]] = []  # (layer, destination stage) of each move while running
         self._migrating, self._window_outputs, self._window_busy = False, 0, None
         self._requested_moves: deque[tuple[int, int]] = deque()
-        self.executor: Executor = self._pipeline_executor(self.split)
+        self.spare_pool = SparePool(model, pipeline.spares, pipeline.threads_per_stage) if pipeline.spares else None
+        try:
+            self.executor: Executor = self._pipeline_executor(self.split)
+        except BaseException:
+            if self.spare_pool is not None:
+                self.spare_pool.close()
+            raise
 
     def _initial_split(self) -> tuple[range, ...]:
         p, layers = self.pipeline, self.dit_config.num_layers
@@ -173,12 +182,12 @@ class PipelineEngine:
             self.standby = self.model("cpu")
         return split
 
-    def _pipeline_executor(self, split: tuple[range, ...]) -> Executor:
+    def _pipeline_executor(self, split: tuple[range, ...], spares: list | None = None) -> Executor:
         p = self.pipeline
         return PipelineExecutor(
             self.model, self.config, len(self.lanes), split, backend=p.backend, addr=p.addr, port=p.port,
             threads=p.threads_per_stage, devices=p.devices[: len(split)] if p.devices else None, pin=p.pin_stages,
-            start_timeout_s=p.start_timeout_s, stage_timeout_s=p.stage_timeout_s,
+            start_timeout_s=p.start_timeout_s, stage_timeout_s=p.stage_timeout_s, spares=spares,
         )
 
     def move_layer(self, layer: int, destination: int) -> None:
@@ -299,7 +308,10 @@ class PipelineEngine:
         stages = len(self.split) - 1 if self.pipeline.on_fault == "fewer-stages" else 0
         if stages >= 1:
             self.split = even_split(self.dit_config.num_layers, stages)
-            self.executor = self._pipeline_executor(self.split)
+            spares = self.spare_pool.take(stages) if self.spare_pool is not None else None
+            self.executor = self._pipeline_executor(self.split, spares=spares)
+            if self.spare_pool is not None:
+                self.spare_pool.add(self.pipeline.spares - len(self.spare_pool))  # refill in the background
         else:
             self.split = (range(self.dit_config.num_layers),)
             dit, self.standby = self.standby or self.model("cpu"), None
@@ -315,6 +327,8 @@ class PipelineEngine:
 
     def close(self) -> None:
         self.executor.close()
+        if self.spare_pool is not None:
+            self.spare_pool.close()
 
     def __enter__(self) -> PipelineEngine:
         return self

@@ -79,8 +79,21 @@ def _migrate(stage: Stage, group, packet: Packet, target: int) -> None:
     group.isend(replace(onward, output=True) if stage.spec.is_last else onward, target)
 
 
-def worker_main(spec: WorkerSpec, parent: int) -> None:
-    """Entry point of a spawned stage process."""
+def spare_main(model: Callable[..., CausalWanDiT], device: str, threads: int, control, parent: int) -> None:
+    """Entry point of a warm spare: import torch and build the model now, then wait (on the `control` pipe) for the
+    WorkerSpec of the stage to run, so that a rebuild does not wait for a process to start."""
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+    torch.set_num_threads(threads)
+    dit = model(device)
+    try:
+        spec = control.recv()
+    except EOFError:  # the orchestrator closed the pipe: no stage for us
+        os._exit(0)
+    worker_main(spec, parent, dit)
+
+
+def worker_main(spec: WorkerSpec, parent: int, dit: CausalWanDiT | None = None) -> None:
+    """Entry point of a spawned stage process (`dit`: a model a spare built already)."""
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
     torch.set_num_threads(spec.threads)
     if spec.cpus:
@@ -90,7 +103,7 @@ def worker_main(spec: WorkerSpec, parent: int) -> None:
             spec.backend, spec.addr, spec.port, spec.rank, spec.world, start_timeout_s=spec.start_timeout_s,
             idle_timeout_s=spec.idle_timeout_s, device=spec.device,
         )
-        stage = Stage(spec.model(spec.device), spec.stage, spec.config, spec.lanes)
+        stage = Stage(dit if dit is not None else spec.model(spec.device), spec.stage, spec.config, spec.lanes)
         group.isend(Packet(lane=0, kind=Kind.READY), 0)
         source = spec.rank - 1
         target = (spec.rank + 1) % spec.world

@@ -190,18 +190,25 @@ def test_killed_stage_is_replaced_and_the_stream_goes_on_without_gap_or_repeat()
         assert min(len([1 for s in seen if s[0] == lane]) for lane in range(2)) >= 10
 
 
-def test_a_dead_stage_of_three_leaves_a_pipeline_of_two() -> None:
-    pipeline = PipelineConfig(stages=3, start_timeout_s=45, stage_timeout_s=20, on_fault="fewer-stages", standby=False)
+def test_a_dead_stage_of_three_leaves_a_pipeline_of_two_warm_spares() -> None:
+    pipeline = PipelineConfig(stages=3, start_timeout_s=45, stage_timeout_s=20, on_fault="fewer-stages", spares=2, standby=False)
     with PipelineEngine(MODEL, CONFIG, [prompt(10)], pipeline) as engine:
         stream = engine.chunks()
         first = [next(stream).chunk.index for _ in range(3)]
         busy = engine.stage_busy_seconds
         assert len(busy) == 3 and all(seconds > 0 for seconds in busy)
+        spares = [process.pid for process, _ in engine.spare_pool._spares]
+        killed = time.monotonic()
         os.kill(engine.executor.processes[2].pid, signal.SIGKILL)
-        after = [next(stream).chunk.index for _ in range(3)]
+        after = [next(stream).chunk.index]
+        stall = time.monotonic() - killed
+        after += [next(stream).chunk.index for _ in range(2)]
         assert first + after == list(range(6))
         assert len(engine.rebuilds) == 1 and engine.rebuilds[0].executor.startswith("pipeline of 2 stage processes")
+        assert [process.pid for process in engine.executor.processes] == spares  # the warm spares took over
         assert [len(layers) for layers in engine.split] in ([1, 2], [2, 1])
+        assert stall < 2.0, f"stream stalled {stall:.2f} s"
+        assert len(engine.spare_pool) == 2  # refilled
 
 
 def test_hung_stage_is_detected_by_its_timeout() -> None:
