@@ -285,7 +285,7 @@ def write_plot(results: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 4.2))
+    figure, axis = plt.subplots(figsize=(9, 4.6))
     names = [row["condition"] for row in next(iter(results.values()))]
     width = 0.8 / len(results)
     colors = ["#3a7", "#37a", "#a73"]
@@ -294,7 +294,8 @@ def write_plot(results: dict[str, list[dict]], path: Path) -> None:
         axis.bar(xs, [row["speedup"] for row in rows], width, color=colors[index % len(colors)], label=dtype)
         for x, row in zip(xs, rows):
             axis.text(x, row["speedup"] + 0.03, f"{row['speedup']:.2f}", ha="center", fontsize=8)
-    axis.set_xticks(range(len(names)), names)
+    axis.set_xticks(range(len(names)), [name.replace(", ", "\n").replace("independent ", "independent\n")
+                                         .replace("pipeline ", "pipeline\n") for name in names], fontsize=8)
     axis.axhline(STAGES, color="#c33", linestyle="--", label=f"{STAGES}x (2 stages, ideal)")
     axis.axhline(STAGES * EFFICIENCY_GOAL, color="#e90", linestyle=":", label=f"goal: {EFFICIENCY_GOAL:.0%} of {STAGES}x")
     axis.set_ylabel("throughput / single process (1 thread)")
