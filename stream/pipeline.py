@@ -98,7 +98,10 @@ class PipelineConfig:
             raise ConfigError(f"rebalance_window={self.rebalance_window!r} must be a positive integer")
         if not 0 <= self.rebalance_tolerance < 1:
             raise ConfigError(f"rebalance_tolerance={self.rebalance_tolerance!r} must be in [0, 1)")
-
+        if self.backend not in ("gloo", "nccl"):
+            raise ConfigError(f"backend={self.backend!r} must be 'gloo' (CPUs) or 'nccl' (GPUs)")
+        if not isinstance(self.threads_per_stage, int) or self.threads_per_stage < 1:
+            raise ConfigError(f"threads_per_stage={self.threads_per_stage!r} must be a positive integer")
 
 
 @dataclass(frozen=True)

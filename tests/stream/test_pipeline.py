@@ -237,6 +237,10 @@ def test_pipeline_config_errors_name_the_value() -> None:
         PipelineConfig(stages=2, layers_per_stage=(3,))
     with pytest.raises(ConfigError, match="on_fault='restart'"):
         PipelineConfig(on_fault="restart")
+    with pytest.raises(ConfigError, match="backend='mpi'"):
+        PipelineConfig(backend="mpi")
+    with pytest.raises(ConfigError, match="spares=-1"):
+        PipelineConfig(spares=-1)
     with pytest.raises(ConfigError, match=r"steps=\(750,\) must be a sub-list"):
         Lane(0, MODEL.config, CONFIG, prompt(1), torch.float64).set_steps((750,))
     with pytest.raises(ConfigError, match="add up to num_layers=3"):
