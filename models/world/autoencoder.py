@@ -205,8 +205,11 @@ class WorldAutoencoder(nn.Module):
         return self.decoder(self.denormalise(latents), past)
 
     def forward(self, frames: Tensor) -> tuple[Tensor, Tensor]:
-        """Reconstruct a clip from its first frame (no carried state): (frames, raw latents)."""
-        raw = self.encode_raw(frames)
+        """Reconstruct a clip from its first frame (no carried state): (frames, raw latents). Any size that is a
+        multiple of 8 works here (training uses crops); `encode` and `decode` check for the configured size."""
+        if frames.ndim != 5 or frames.shape[2] != IMAGE_CHANNELS or frames.shape[-1] % 8 or frames.shape[-2] % 8:
+            raise ShapeError(f"frames have shape {tuple(frames.shape)}; expected [B, T, 3, H, W], H and W multiples of 8")
+        raw = self.encoder(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])
         return self.decoder(raw)[0], raw
 
 

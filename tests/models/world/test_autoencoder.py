@@ -10,7 +10,12 @@ from framecast.models.world.autoencoder import (
     save_autoencoder, tensor_to_frames,
 )
 from framecast.models.world.episodes import make_episode
-from framecast.models.world.train_autoencoder import TrainSettings, evaluate, reconstruction_loss, train_autoencoder
+from framecast.models.world.palette import AGENT_RGB
+from framecast.models.world.state import WorldConfig
+from framecast.models.world.train_autoencoder import (
+    TrainSettings, evaluate, pixel_weights, reconstruction_loss, sample_clips, train_autoencoder,
+)
+from framecast.models.world.vocabulary import AgentColour
 
 SHIPPED = Path(__file__).parents[3] / "models" / "world" / "weights" / "world_autoencoder.safetensors"
 SHIPPED_PSNR_MIN_DB = 18.0  # measured 19.8 dB on this test's episode (21.0 dB mean held out) minus a margin
@@ -145,6 +150,36 @@ def test_edge_term_charges_a_lost_thin_line() -> None:
     blurred[..., 7:10, :] = 1 / 3
     plain, edged = reconstruction_loss(blurred, target, 0.0), reconstruction_loss(blurred, target, 1.0)
     assert edged > 2 * plain
+
+
+def test_pixel_weights_favour_the_agent_and_small_things() -> None:
+    frame = torch.full((1, 3, 32, 32), 0.5)
+    frame[:, :, 10:14, 10:14] = torch.tensor(AGENT_RGB[AgentColour.CYAN]).view(3, 1, 1) / 255
+    frame[:, :, 25, 3:5] = 1.0  # a 2-px particle
+    weights = pixel_weights(frame, foreground_weight=8.0, agent_weight=24.0)
+    assert weights.shape == (1, 1, 32, 32)
+    assert weights[0, 0, 12, 12] == 33 and weights[0, 0, 9, 9] == 33  # the agent and its 1-px rim
+    assert weights[0, 0, 25, 3] == 9 and weights[0, 0, 0, 31] == 1 and weights[0, 0, 8, 12] == 1
+    uniform = reconstruction_loss(frame * 0.9, frame, 1.0)
+    assert reconstruction_loss(frame * 0.9, frame, 1.0, torch.ones_like(weights)).item() == pytest.approx(uniform.item())
+
+
+def test_crops_hold_the_agent_on_the_latent_grid() -> None:
+    world = WorldConfig()
+    clips = sample_clips(np.random.default_rng(3), 6, TrainSettings(), world, crop=48)
+    assert clips.shape == (6, 4, 48, 48, 3)
+    agent = np.stack([np.abs(clips.astype(int) - AGENT_RGB[c]).sum(-1) < 30 for c in AgentColour]).any(0)
+    assert agent.any(axis=(2, 3)).all()  # every frame of every clip shows (part of) the agent
+    with pytest.raises(ConfigError, match="crop=12"):
+        TrainSettings(crop=12)
+
+
+def test_the_model_trains_on_crops() -> None:
+    model = tiny_model(torch.float32)
+    video, raw = model(torch.rand(2, 3, 3, 48, 64))
+    assert video.shape == (2, 3, 3, 48, 64) and raw.shape == (2, 3, 16, 6, 8)
+    with pytest.raises(ShapeError, match="multiples of 8"):
+        model(torch.rand(1, 1, 3, 20, 20))
 
 
 def test_training_smoke_loss_falls_and_resumes(tmp_path) -> None:
