@@ -17,10 +17,22 @@ from framecast.stream.metrics import StreamMetrics
 from framecast.stream.producer import Decoder, Producer
 
 
-def degradation_steps(full: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-    """The step lists to degrade through: the full list, every other step, the first step alone."""
+def degradation_steps(full: tuple[int, ...], *, fixed: bool = False) -> tuple[tuple[int, ...], ...]:
+    """The step lists to degrade through: the full list, every other step, the first step alone.
+
+    `fixed`: the sampler cannot shorten a chunk's steps (Rolling Forcing's window holds one chunk per step), so the
+    scheduler degrades by filling and dropping only.
+    """
+    if fixed:
+        return (full,)
     lists = [full, full[::2], full[:1]]
     return tuple(dict.fromkeys(lists))  # drop duplicates, keep order
+
+
+def engine_step_lists(engine) -> tuple[tuple[int, ...], ...]:
+    """The step lists a live engine can run (a rolling-window engine: only its full list)."""
+    config = engine.config
+    return degradation_steps(config.denoising_steps, fixed=getattr(config, "rolling_chunks", 1) > 1)
 
 
 def _busy(stop: multiprocessing.synchronize.Event) -> None:
@@ -58,7 +70,7 @@ def run_realtime_bench(
     background_load: int = 0,
 ) -> StreamMetrics:
     config = DeadlineConfig(
-        fps=fps, latency_budget_s=latency_budget_s, step_lists=degradation_steps(engine.config.denoising_steps),
+        fps=fps, latency_budget_s=latency_budget_s, step_lists=engine_step_lists(engine),
         fill=Fill(fill), chunk_frames=engine.config.chunk_frames,
     )
     scheduler = DeadlineScheduler(config)

@@ -31,7 +31,7 @@ from fractions import Fraction
 import numpy as np
 
 from framecast.models.errors import BadMessage, ConfigError, FrameCastError, SessionClosed
-from framecast.stream.bench import degradation_steps, warm_up
+from framecast.stream.bench import engine_step_lists, warm_up
 from framecast.stream.clock import check_fps, check_seconds
 from framecast.stream.control import (
     ActionControl, Control, PauseControl, PromptControl, ResumeControl, SeedControl, StepsControl, encode,
@@ -158,7 +158,7 @@ class Session:
         self.token = token if token is not None else secrets.token_urlsafe(16)
         self.num_actions = engine.num_actions
         self.time = ScaledTime(config.speed)
-        step_lists = degradation_steps(engine.config.denoising_steps)
+        step_lists = engine_step_lists(engine)
         self.scheduler = DeadlineScheduler(
             DeadlineConfig(fps=config.fps, latency_budget_s=config.latency_budget_s, step_lists=step_lists,
                            chunk_frames=engine.config.chunk_frames),

@@ -250,3 +250,27 @@ def test_what_the_rolling_sampler_refuses() -> None:
     with pytest.raises(ConfigError, match="needs the rolling cache"):
         RollingStreamEngine(tiny_dit(), dataclasses.replace(config(rolling_chunks=1), cache=CacheKind.FULL,
                                                             sink_frames=0), prompt())
+
+
+def test_a_live_session_streams_the_rolling_sampler_degrading_by_fill_only() -> None:
+    import asyncio
+
+    from framecast.models.preview import PreviewDecoder
+    from framecast.stream.session import Session, SessionConfig
+
+    dit = tiny_dit().float()
+    engine = StreamEngine(dit, family("rolling-forcing").engine_config(2, 2), prompt().float())
+    session = Session(engine, PreviewDecoder(dit.config.out_dim), lambda text: prompt(), SessionConfig(
+        fps=16, speed=8.0, latency_budget_s=2.0), token="t")
+    assert session.scheduler.config.step_lists == (engine.config.denoising_steps,)  # one chunk's steps are fixed
+
+    async def frames(count: int) -> list:
+        mailbox = session.frames.subscribe(capacity=count)
+        session.start()
+        try:
+            return [await asyncio.wait_for(mailbox.get(), 30) for _ in range(count)]
+        finally:
+            await asyncio.to_thread(session.close)
+
+    received = asyncio.run(frames(24))
+    assert [f.index for f in received] == list(range(24)) and session.failure is None
