@@ -244,8 +244,10 @@ def measure_latent_stats(model: WorldAutoencoder, seed: int, clips: int = 64) ->
 
 
 @torch.no_grad()
-def evaluate(model: WorldAutoencoder, episodes: int = 40, frames: int = 8, switch_every: int = 3) -> dict:
-    """PSNR and pixel-reader agreement on held-out episodes (seeds from EVAL_SEED_BASE).
+def evaluate(model: WorldAutoencoder, episodes: int = 40, frames: int = 8, switch_every: int = 3,
+             seed_base: int = EVAL_SEED_BASE) -> dict:
+    """PSNR and pixel-reader agreement on held-out episodes (seeds from `seed_base`, training seeds stay below
+    EVAL_SEED_BASE).
 
     Reader accuracy compares what `read_setting` / `read_agent` read on the reconstruction with what they read on the
     rendered frame: per slot, all five slots at once (`scene`), and the agent position error in px.
@@ -255,7 +257,7 @@ def evaluate(model: WorldAutoencoder, episodes: int = 40, frames: int = 8, switc
                                                                     "agent_found", "scene")}, []
     total = 0
     for index in range(episodes):
-        episode = make_episode(EVAL_SEED_BASE + index, frames, switch_every=switch_every, config=world)
+        episode = make_episode(seed_base + index, frames, switch_every=switch_every, config=world)
         truth = frames_to_tensor(episode.frames)[None]
         video = model.decode(model.encode(truth))[0]
         reconstruction = tensor_to_frames(video)[0].numpy()
