@@ -388,8 +388,8 @@ def _report_markdown(summary: dict) -> str:
         f"Decode speed (`WorldDecoder`, chunks of 4 latents, uint8 out, {summary['threads']} threads): "
         + ", ".join(f"{dtype} {fps:.0f} frames/s ({1000 / fps:.2f} ms/frame)" for dtype, fps in speeds.items()) + ".",
         "",
-        "Reproduce: `python3 -m framecast.models.world.train_autoencoder --steps 8000 --batch 6 --max-minutes 19 "
-        "--out RUN --no-resume`, then `--out RUN --ship models/world/weights`.",
+        "Reproduce: the runs listed under 'Run history' (each `python3 -m framecast.models.world.train_autoencoder "
+        "... --init-from PREVIOUS_WEIGHTS --out RUN --no-resume`), then `--out RUN --ship models/world/weights`.",
         "",
     ])
 
