@@ -154,6 +154,22 @@ class LatentHistory:
         return self.latents[:, slots], self.actions[:, slots]
 
 
+def check_actions(actions: int | Tensor, num_actions: int, batch: int, frames: int) -> Tensor:
+    """Action ids as long [batch, frames] (one int or [frames] is broadcast); errors name the bad ids or shape."""
+    if not num_actions:
+        raise ConfigError("this model takes no actions (num_actions = 0)")
+    actions = torch.as_tensor(actions, dtype=torch.long)
+    if actions.ndim == 0:
+        actions = actions.expand(batch, frames)
+    elif actions.ndim == 1:
+        actions = actions.unsqueeze(0).expand(batch, -1)
+    if actions.shape != (batch, frames):
+        raise ShapeError(f"actions of shape {tuple(actions.shape)}; expected [{frames}] or [{batch}, {frames}]")
+    if actions.min() < 0 or actions.max() >= num_actions:
+        raise ConfigError(f"action ids {actions.unique().tolist()} must be in [0, {num_actions})")
+    return actions
+
+
 class StreamEngine:
     """Generates latent chunks forever: `for chunk in engine.chunks(): ...`.
 
@@ -222,19 +238,7 @@ class StreamEngine:
 
     def set_action(self, actions: int | Tensor) -> None:
         """Action id(s) for the next chunks' frames: one int, [chunk_frames] or [B, chunk_frames]."""
-        num_actions = self.dit.config.num_actions
-        if not num_actions:
-            raise ConfigError("this model takes no actions (num_actions = 0)")
-        batch, frames = self.config.batch, self.config.chunk_frames
-        actions = torch.as_tensor(actions, dtype=torch.long)
-        if actions.ndim == 0:
-            actions = actions.expand(batch, frames)
-        elif actions.ndim == 1:
-            actions = actions.unsqueeze(0).expand(batch, -1)
-        if actions.shape != (batch, frames):
-            raise ShapeError(f"actions of shape {tuple(actions.shape)}; expected [{frames}] or [{batch}, {frames}]")
-        if actions.min() < 0 or actions.max() >= num_actions:
-            raise ConfigError(f"action ids {actions.unique().tolist()} must be in [0, {num_actions})")
+        actions = check_actions(actions, self.dit.config.num_actions, self.config.batch, self.config.chunk_frames)
         with self._lock:
             self._pending_actions = actions.to(self.dit.device).contiguous()
 

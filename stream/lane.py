@@ -21,7 +21,7 @@ from torch import Tensor
 
 from framecast.models.config import DiTConfig
 from framecast.models.errors import ConfigError, ShapeError
-from framecast.stream.engine import EngineConfig, LatentChunk, LatentHistory, SwitchPolicy
+from framecast.stream.engine import EngineConfig, LatentChunk, LatentHistory, SwitchPolicy, check_actions
 from framecast.stream.noise import GaussianNoise, NoiseSource
 from framecast.stream.sampler import FlowMatchSchedule, Step, renoise, to_clean
 from framecast.stream.stage import ledger_memory
@@ -79,19 +79,7 @@ class Lane:
             self._pending_prompt = (checked, policy or self.config.switch_policy)
 
     def set_action(self, actions: int | Tensor) -> None:
-        num_actions = self.dit_config.num_actions
-        if not num_actions:
-            raise ConfigError("this model takes no actions (num_actions = 0)")
-        batch, frames = self.config.batch, self.config.chunk_frames
-        actions = torch.as_tensor(actions, dtype=torch.long)
-        if actions.ndim == 0:
-            actions = actions.expand(batch, frames)
-        elif actions.ndim == 1:
-            actions = actions.unsqueeze(0).expand(batch, -1)
-        if actions.shape != (batch, frames):
-            raise ShapeError(f"actions of shape {tuple(actions.shape)}; expected [{frames}] or [{batch}, {frames}]")
-        if actions.min() < 0 or actions.max() >= num_actions:
-            raise ConfigError(f"action ids {actions.unique().tolist()} must be in [0, {num_actions})")
+        actions = check_actions(actions, self.dit_config.num_actions, self.config.batch, self.config.chunk_frames)
         with self._lock:
             self._pending_actions = actions.contiguous()
 
