@@ -24,6 +24,7 @@ from framecast.models.errors import ConfigError, FrameCastError
 from framecast.models.preview import PreviewDecoder
 from framecast.models.text import HashedTextEncoder, load_prompt_embeds
 from framecast.stream.engine import CacheKind, EngineConfig, StreamEngine
+from framecast.stream.noise import GaussianNoise
 
 log = logging.getLogger("framecast")
 
@@ -53,6 +54,8 @@ def add_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--input", type=Path, help="input video for video-to-video (needs --decoder wan-vae); start the "
                    "step list below 1000 to keep its structure, e.g. --steps 700,500")
     p.add_argument("--frames", type=int, default=33, help="video frames to write (default 33)")
+    p.add_argument("--stages", type=int, default=1, help="split the DiT's layers over this many stage processes "
+                   "(torch.distributed: gloo on CPU, NCCL on GPUs); the chunks are exactly those of one process")
     p.add_argument("-o", "--output", type=Path, help="video file to write (mp4)")
     p.add_argument("--latents-out", type=Path, help="also save the latents [B, F, C, H, W] (.safetensors)")
     p.add_argument("--height", type=int, default=128, help="frame height in pixels (multiple of 16)")
@@ -162,6 +165,37 @@ def encode_prompt(args: argparse.Namespace, dit: CausalWanDiT, device: torch.dev
     return HashedTextEncoder(config.text_dim, config.text_len).encode(args.prompt)
 
 
+class PipelinedStream:
+    """One lane of a PipelineEngine as the generate loop sees an engine: `next_chunk()`, `close()`."""
+
+    def __init__(self, pipeline) -> None:
+        self.pipeline, self._chunks = pipeline, pipeline.chunks()
+
+    def next_chunk(self, source=None) -> object:
+        return next(self._chunks).chunk
+
+    def close(self) -> None:
+        self.pipeline.close()
+
+
+def pipeline_engine(args: argparse.Namespace, dit: CausalWanDiT, config: EngineConfig, prompt: torch.Tensor,
+                    dtype: torch.dtype) -> PipelinedStream:
+    """The stream of `generate --stages N`: the same model recipe built in every stage process."""
+    from framecast.stream.model_source import CheckpointDiT, RandomDiT
+    from framecast.stream.pipeline import PipelineConfig, PipelineEngine
+
+    if args.family or args.input:
+        raise ConfigError("--stages does not take --family or --input yet: one process runs those")
+    if args.device != "cpu":
+        raise ConfigError("--stages runs stage processes on the CPU here (gloo); GPU stages take PipelineConfig.devices "
+                          "from Python")
+    model = CheckpointDiT(str(args.weights), dit.config, dtype) if args.weights else \
+        RandomDiT(dit.config, dtype, seed=args.seed)
+    pipeline = PipelineEngine(model, config, [prompt.to("cpu", dtype)], PipelineConfig(stages=args.stages),
+                              noises=[GaussianNoise(config.seed)])
+    return PipelinedStream(pipeline)
+
+
 def run_generate(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -169,6 +203,8 @@ def run_generate(args: argparse.Namespace) -> None:
         raise ConfigError("--dtype float16 on the CPU is ~50x slower than bfloat16; use bfloat16 or float32")
     if args.frames < 1:
         raise ConfigError(f"--frames={args.frames} must be >= 1")
+    if args.stages < 1:
+        raise ConfigError(f"--stages={args.stages} must be >= 1")
     if args.height % (2 * VAE_SPATIAL) or args.width % (2 * VAE_SPATIAL):
         raise ConfigError(f"--height/--width {args.height}x{args.width} must be multiples of {2 * VAE_SPATIAL}")
     if not args.output and not args.latents_out:
@@ -178,7 +214,8 @@ def run_generate(args: argparse.Namespace) -> None:
     config = engine_config(args, args.height // VAE_SPATIAL, args.width // VAE_SPATIAL)
     latent_frames = 1 + math.ceil((args.frames - 1) / VAE_TEMPORAL)
     num_chunks = math.ceil(latent_frames / config.chunk_frames)
-    engine = StreamEngine(dit, config, prompt.to(device, dtype))
+    engine = pipeline_engine(args, dit, config, prompt, dtype) if args.stages > 1 else \
+        StreamEngine(dit, config, prompt.to(device, dtype))
     decoder = build_decoder(args, dit.config.out_dim, dtype, device)
     sources = video_source(args, decoder, config.chunk_frames)
     sink = None
@@ -205,6 +242,8 @@ def run_generate(args: argparse.Namespace) -> None:
     finally:
         if sink:
             sink.close()
+        if args.stages > 1:
+            engine.close()
     seconds = time.perf_counter() - start
     if args.latents_out:
         from safetensors.torch import save_file

@@ -3,6 +3,7 @@ import platform
 
 import av
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from framecast.stream.cli import main
@@ -177,3 +178,18 @@ def test_the_simulator_streams_the_world_under_the_first_prompt(capsys) -> None:
 def test_the_simulator_refuses_prompts_outside_its_vocabulary(capsys) -> None:
     assert main(["vcam", "--simulator", "--prompt", "a purple lake", "--backend", "v4l2loopback"]) == 2
     assert "unknown word 'purple'" in capsys.readouterr().err
+
+
+def test_generate_over_two_stage_processes_writes_exactly_the_one_process_latents(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    common = ["generate", "--frames", "17", "--height", "32", "--width", "32", "--dtype", "float32", "--seed", "3"]
+    assert main([*common, "--latents-out", str(tmp_path / "one.safetensors")]) == 0
+    assert main([*common, "--stages", "2", "--latents-out", str(tmp_path / "two.safetensors")]) == 0
+    one, two = (load_file(str(tmp_path / f"{name}.safetensors"))["latents"] for name in ("one", "two"))
+    assert one.shape == two.shape and torch.equal(one, two)
+
+
+def test_generate_stages_refuses_what_it_cannot_split(tmp_path, capsys) -> None:
+    assert main(["generate", "--stages", "0", "-o", str(tmp_path / "x.mp4")]) == 2
+    assert "--stages=0 must be >= 1" in capsys.readouterr().err
