@@ -165,26 +165,13 @@ def encode_prompt(args: argparse.Namespace, dit: CausalWanDiT, device: torch.dev
     return HashedTextEncoder(config.text_dim, config.text_len).encode(args.prompt)
 
 
-class PipelinedStream:
-    """One lane of a PipelineEngine as the generate loop sees an engine: `next_chunk()`, `close()`."""
-
-    def __init__(self, pipeline) -> None:
-        self.pipeline, self._chunks = pipeline, pipeline.chunks()
-
-    def next_chunk(self, source=None) -> object:
-        return next(self._chunks).chunk
-
-    def close(self) -> None:
-        self.pipeline.close()
-
-
 def pipeline_engine(args: argparse.Namespace, dit: CausalWanDiT, config: EngineConfig, prompt: torch.Tensor,
-                    dtype: torch.dtype) -> PipelinedStream:
-    """The stream of `generate --stages N`: the same model recipe built in every stage process."""
+                    dtype: torch.dtype):
+    """The stream of `--stages N`: the same model recipe built in every stage process (a PipelineStream)."""
     from framecast.stream.model_source import CheckpointDiT, RandomDiT
-    from framecast.stream.pipeline import PipelineConfig, PipelineEngine
+    from framecast.stream.pipeline import PipelineConfig, PipelineEngine, PipelineStream
 
-    if args.family or args.input:
+    if args.family or getattr(args, "input", None):
         raise ConfigError("--stages does not take --family or --input yet: one process runs those")
     if args.device != "cpu":
         raise ConfigError("--stages runs stage processes on the CPU here (gloo); GPU stages take PipelineConfig.devices "
@@ -193,7 +180,7 @@ def pipeline_engine(args: argparse.Namespace, dit: CausalWanDiT, config: EngineC
         RandomDiT(dit.config, dtype, seed=args.seed)
     pipeline = PipelineEngine(model, config, [prompt.to("cpu", dtype)], PipelineConfig(stages=args.stages),
                               noises=[GaussianNoise(config.seed)])
-    return PipelinedStream(pipeline)
+    return PipelineStream(pipeline)
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -321,6 +308,7 @@ def add_session_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=128, help="frame width in pixels (multiple of 16)")
     p.add_argument("--output-scale", type=int, default=1,
                    help="enlarge frames this many times for every viewer (e.g. 4: 128 px -> 512 px)")
+    p.add_argument("--stages", type=int, default=1, help="split the DiT's layers over this many stage processes")
     add_stream_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
@@ -368,6 +356,8 @@ def check_session_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--height/--width {args.height}x{args.width} must be multiples of {2 * VAE_SPATIAL}")
     if args.output_scale < 1:
         raise ConfigError(f"--output-scale={args.output_scale} must be >= 1")
+    if args.stages < 1 or (args.stages > 1 and args.simulator):
+        raise ConfigError(f"--stages={args.stages} must be >= 1 (and 1 with --simulator: the world has no layers)")
     if args.simulator:
         from framecast.models.world.prompt import parse_prompt
 
@@ -393,10 +383,19 @@ def build_session(args: argparse.Namespace, token: str | None = None):
     text = HashedTextEncoder(dit.config.text_dim, dit.config.text_len)
     if args.weights:
         log.warning("prompts are hashed, not encoded: live umT5 prompts for real checkpoints come in a later slice")
-    engine = StreamEngine(dit, engine_config(args, args.height // VAE_SPATIAL, args.width // VAE_SPATIAL),
-                          text.encode(args.prompt or DEFAULT_PROMPT).to(device, dtype))
+    stream_config = engine_config(args, args.height // VAE_SPATIAL, args.width // VAE_SPATIAL)
+    first_prompt = text.encode(args.prompt or DEFAULT_PROMPT)
+    engine = pipeline_engine(args, dit, stream_config, first_prompt, dtype) if args.stages > 1 else \
+        StreamEngine(dit, stream_config, first_prompt.to(device, dtype))
     decoder = build_decoder(args, dit.config.out_dim, dtype, device)
     return Session(engine, decoder, text.encode, config, token=token)
+
+
+def close_engine(session) -> None:
+    """End what the session's engine holds beyond this process (a pipeline's stage processes)."""
+    close = getattr(session.engine, "close", None)
+    if close is not None:
+        close()
 
 
 def open_vcam(args: argparse.Namespace):
@@ -425,7 +424,7 @@ def run_serve(args: argparse.Namespace) -> None:
     if not args.vcam and (args.camera_device or args.backend):
         raise ConfigError("--camera-device and --backend choose the virtual camera: add --vcam")
     camera = open_vcam(args) if args.vcam else None
-    sink = None
+    sink = session = None
     try:
         session = build_session(args, token=args.token)
         if camera is not None:
@@ -438,6 +437,8 @@ def run_serve(args: argparse.Namespace) -> None:
             camera.close()
         if sink is not None:
             sink.close()
+        if session is not None:
+            close_engine(session)
 
 
 def run_vcam(args: argparse.Namespace) -> None:
@@ -463,6 +464,7 @@ def run_vcam(args: argparse.Namespace) -> None:
     finally:
         session.close()
         sink.close()
+        close_engine(session)
     print(f"framecast: {sink.frames_sent} frames sent to the virtual camera ({sink.dropped} dropped)")
     if session.failure is not None:
         raise SessionClosed(f"the stream failed: {session.failure}") from session.failure

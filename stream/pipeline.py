@@ -338,3 +338,46 @@ class PipelineEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class PipelineStream:
+    """One stream through the pipeline behind the engine interface that `generate` and a live session drive
+    (stream.session.LiveEngine): controls and step lists apply from the next chunk, as with StreamEngine."""
+
+    def __init__(self, pipeline: PipelineEngine) -> None:
+        if len(pipeline.lanes) != 1:
+            raise ConfigError(f"a PipelineStream is one lane; this pipeline has {len(pipeline.lanes)}")
+        self.pipeline, self.lane, self.config = pipeline, pipeline.lanes[0], pipeline.config
+        self._chunks: Iterator[LaneChunk] | None = None
+
+    @property
+    def num_actions(self) -> int:
+        return self.lane.dit_config.num_actions
+
+    @property
+    def chunk_index(self) -> int:
+        return self.lane.chunk_index
+
+    def next_chunk(self, steps: Sequence[int] | None = None, source: object = None) -> LatentChunk:
+        if source is not None:
+            raise ConfigError("a pipelined stream takes no video input (video-to-video runs in one process)")
+        full = steps is None or tuple(steps) == tuple(self.config.denoising_steps)
+        self.pipeline.set_steps(0, None if full else steps)
+        if self._chunks is None:
+            self._chunks = self.pipeline.chunks()
+        return next(self._chunks).chunk
+
+    def set_prompt(self, prompt: Tensor, policy: SwitchPolicy | None = None) -> None:
+        self.pipeline.set_prompt(0, prompt, policy)
+
+    def set_action(self, actions: int | Tensor) -> None:
+        self.pipeline.set_action(0, actions)
+
+    def reseed(self, seed: int) -> None:
+        self.lane.noise = GaussianNoise(seed)  # drawn by the lane in this process, at its next chunk
+
+    def reset(self) -> None:
+        self.pipeline.reset(0)
+
+    def close(self) -> None:
+        self.pipeline.close()

@@ -193,3 +193,20 @@ def test_generate_over_two_stage_processes_writes_exactly_the_one_process_latent
 def test_generate_stages_refuses_what_it_cannot_split(tmp_path, capsys) -> None:
     assert main(["generate", "--stages", "0", "-o", str(tmp_path / "x.mp4")]) == 2
     assert "--stages=0 must be >= 1" in capsys.readouterr().err
+
+
+def test_vcam_streams_a_model_split_over_two_stage_processes(capsys) -> None:
+    import pyvirtualcam
+
+    from tests.stream.sinks.test_vcam import RecordingCamera
+
+    pyvirtualcam.register_backend("framecast-cli-stages", RecordingCamera)
+    RecordingCamera.opened.clear()
+    try:
+        argv = ["vcam", "--stages", "2", "--backend", "framecast-cli-stages", "--seconds", "2.0", "--height", "32",
+                "--width", "32", "--dtype", "float32", "--fps", "16", "--latency-budget", "0.5"]
+        assert main(argv) == 0
+    finally:
+        pyvirtualcam.camera.BACKENDS.pop("framecast-cli-stages")
+    (camera,) = RecordingCamera.opened
+    assert camera.closed == 1 and len(camera.frames) >= 8
