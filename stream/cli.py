@@ -171,7 +171,7 @@ def pipeline_engine(args: argparse.Namespace, dit: CausalWanDiT, config: EngineC
     from framecast.stream.model_source import CheckpointDiT, RandomDiT
     from framecast.stream.pipeline import PipelineConfig, PipelineEngine, PipelineStream
 
-    if args.family or getattr(args, "input", None):
+    if getattr(args, "family", None) or getattr(args, "input", None):
         raise ConfigError("--stages does not take --family or --input yet: one process runs those")
     if args.device != "cpu":
         raise ConfigError("--stages runs stage processes on the CPU here (gloo); GPU stages take PipelineConfig.devices "
@@ -255,6 +255,7 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--fill", choices=["repeat", "interpolate"], default="repeat", help="fill used when no step list fits")
     p.add_argument("--load", type=int, default=0, help="busy background processes to inject (CPU load)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--stages", type=int, default=1, help="split the DiT's layers over this many stage processes")
     p.add_argument("--json", type=Path, help="write the metrics summary here")
     p.add_argument("--prometheus", action="store_true", help="print the /metrics text instead of the summary")
     p.add_argument("--seed", type=int, default=0)
@@ -276,11 +277,19 @@ def run_bench(args: argparse.Namespace) -> None:
         raise ConfigError("--dtype float16 on the CPU is ~50x slower than bfloat16; use bfloat16 or float32")
     dit = build_model(args, dtype, device).eval()
     prompt = HashedTextEncoder(dit.config.text_dim, dit.config.text_len).encode(DEFAULT_PROMPT)
-    engine = StreamEngine(dit, engine_config(args, args.height // VAE_SPATIAL, args.width // VAE_SPATIAL), prompt.to(device, dtype))
-    metrics = run_realtime_bench(
-        engine, PreviewDecoder(dit.config.out_dim, VAE_SPATIAL, VAE_TEMPORAL), fps=args.fps,
-        latency_budget_s=args.latency_budget, seconds=args.seconds, fill=args.fill, background_load=args.load,
-    )
+    if args.stages < 1:
+        raise ConfigError(f"--stages={args.stages} must be >= 1")
+    config = engine_config(args, args.height // VAE_SPATIAL, args.width // VAE_SPATIAL)
+    engine = pipeline_engine(args, dit, config, prompt, dtype) if args.stages > 1 else \
+        StreamEngine(dit, config, prompt.to(device, dtype))
+    try:
+        metrics = run_realtime_bench(
+            engine, PreviewDecoder(dit.config.out_dim, VAE_SPATIAL, VAE_TEMPORAL), fps=args.fps,
+            latency_budget_s=args.latency_budget, seconds=args.seconds, fill=args.fill, background_load=args.load,
+        )
+    finally:
+        if args.stages > 1:
+            engine.close()
     print(metrics.to_prometheus() if args.prometheus else metrics.to_text())
     if args.json:
         import json

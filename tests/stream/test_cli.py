@@ -210,3 +210,13 @@ def test_vcam_streams_a_model_split_over_two_stage_processes(capsys) -> None:
         pyvirtualcam.camera.BACKENDS.pop("framecast-cli-stages")
     (camera,) = RecordingCamera.opened
     assert camera.closed == 1 and len(camera.frames) >= 8
+
+
+def test_bench_runs_a_two_stage_pipeline_under_the_deadline_scheduler(tmp_path) -> None:
+    import json
+
+    argv = ["bench", "--stages", "2", "--seconds", "1.5", "--dtype", "float32", "--height", "32", "--width", "32",
+            "--json", str(tmp_path / "bench.json")]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "bench.json").read_text())
+    assert summary["frames_at_sink"] >= 30 and summary["deadline"]["frames"] >= 30
