@@ -102,8 +102,8 @@ def test_pipeline_equals_single_process_engine_per_lane(stages: int, expected) -
 
 def test_unequal_stage_times_move_layers_while_running() -> None:
     """Split 1 + 3 of 4 equal layers: the measured stage times differ, so layers move until they no longer do."""
-    model = RandomDiT(preset("tiny", num_layers=4, dim=96, ffn_dim=384, num_heads=2), torch.float32, seed=0)
-    config = EngineConfig(latent_height=8, latent_width=8, window_frames=9, sink_frames=3)
+    model = RandomDiT(preset("tiny", num_layers=4, dim=192, ffn_dim=768, num_heads=2), torch.float32, seed=0)
+    config = EngineConfig(latent_height=16, latent_width=16, window_frames=9, sink_frames=3)
     pipeline = PipelineConfig(stages=2, layers_per_stage=(1, 3), rebalance_window=8, start_timeout_s=45, stage_timeout_s=20)
     text = torch.randn(1, 5, model.config.text_dim)
     with PipelineEngine(model, config, [text], pipeline) as engine:
