@@ -58,6 +58,7 @@ import torch
 from tqdm import tqdm
 
 import framecast.stream
+from machine_load import ForeignLoad  # benchmarks/ is on sys.path when run as a script
 from framecast.models.config import AttentionKind, preset
 from framecast.models.dit import CausalWanDiT, parameter_count
 from framecast.models.memory import KVCache, LinearState, Memory
@@ -176,28 +177,6 @@ def engine_config(settings: Settings, height_px: int, width_px: int) -> EngineCo
 
 def no_sync() -> None:
     pass
-
-
-class ForeignLoad:
-    """CPU time other processes took while the block ran, in % of all cores: a shared machine's noise, recorded."""
-
-    def __enter__(self) -> ForeignLoad:
-        self.process = psutil.Process()
-        self.start = (time.perf_counter(), self._busy(), self._own())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        wall, busy, own = (now - then for now, then in zip((time.perf_counter(), self._busy(), self._own()), self.start))
-        self.percent = max(0.0, (busy - own) / (wall * (os.cpu_count() or 1)) * 100)
-
-    @staticmethod
-    def _busy() -> float:
-        times = psutil.cpu_times()
-        return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
-
-    def _own(self) -> float:
-        times = self.process.cpu_times()
-        return times.user + times.system + times.children_user + times.children_system
 
 
 # ---------------------------------------------------------------------------------------------------- bare baseline

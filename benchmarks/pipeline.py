@@ -45,6 +45,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
+from machine_load import ForeignLoad  # benchmarks/ is on sys.path when run as a script
 from framecast.models.config import preset
 from framecast.models.dit import parameter_count
 from framecast.stream.engine import EngineConfig, StreamEngine
@@ -95,36 +96,6 @@ def machine_info() -> dict:
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-class ForeignLoad:
-    """CPU time other processes took while the block ran, in % of all cores (this process and its children are
-    excluded, live stage workers included)."""
-
-    def __enter__(self) -> ForeignLoad:
-        self.start = (time.perf_counter(), self._busy(), self._own())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        wall, busy, own = (now - then for now, then in zip((time.perf_counter(), self._busy(), self._own()), self.start))
-        self.percent = max(0.0, (busy - own) / (wall * (os.cpu_count() or 1)) * 100)
-
-    @staticmethod
-    def _busy() -> float:
-        times = psutil.cpu_times()
-        return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
-
-    @staticmethod
-    def _own() -> float:
-        me = psutil.Process()
-        times = me.cpu_times()
-        total = times.user + times.system + times.children_user + times.children_system
-        for child in me.children(recursive=True):
-            try:
-                total += sum(child.cpu_times()[:2])
-            except psutil.Error:
-                pass
-        return total
 
 
 def set_priority(nice: int) -> str:
@@ -183,7 +154,7 @@ def run_single(model: RandomDiT, settings: Settings, threads: int = 1) -> dict:
     stream = engine.chunks()
     chunks = [next(stream).latents for _ in range(settings.warmup_chunks)]  # kept for the bit-exactness check
     seconds = []
-    with ForeignLoad() as load:
+    with ForeignLoad(live_children=True) as load:
         start = time.perf_counter()
         for _ in tqdm(range(settings.measured_chunks), desc="single process", leave=False):
             chunk = next(stream)
@@ -220,7 +191,7 @@ def run_ceiling(model: RandomDiT, settings: Settings) -> dict:
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(2), context.Queue()
     processes = [context.Process(target=_independent, args=(model, settings, barrier, results)) for _ in range(2)]
-    with ForeignLoad() as load:
+    with ForeignLoad(live_children=True) as load:
         for process in processes:
             process.start()
         rates = [results.get(timeout=600) for _ in processes]
@@ -240,7 +211,7 @@ def run_pipeline(model: RandomDiT, settings: Settings, lanes: int, pin: bool = F
         stream = engine.chunks()
         lane0 = [item.chunk.latents for item in itertools.islice(stream, settings.warmup_chunks * lanes) if item.lane == 0]
         processes = [psutil.Process()] + [psutil.Process(p.pid) for p in engine.executor.processes]
-        with ForeignLoad() as load:
+        with ForeignLoad(live_children=True) as load:
             busy_start = engine.stage_busy_seconds
             cpu_start = [sum(process.cpu_times()[:2]) for process in processes]
             start = time.perf_counter()
