@@ -24,7 +24,6 @@ from framecast.models.errors import ConfigError, FrameCastError
 from framecast.models.preview import PreviewDecoder
 from framecast.models.text import HashedTextEncoder, load_prompt_embeds
 from framecast.stream.engine import CacheKind, EngineConfig, StreamEngine
-from framecast.stream.noise import GaussianNoise
 
 log = logging.getLogger("framecast")
 
@@ -171,16 +170,23 @@ def pipeline_engine(args: argparse.Namespace, dit: CausalWanDiT, config: EngineC
     from framecast.stream.model_source import CheckpointDiT, RandomDiT
     from framecast.stream.pipeline import PipelineConfig, PipelineEngine, PipelineStream
 
-    if getattr(args, "family", None) or getattr(args, "input", None):
-        raise ConfigError("--stages does not take --family or --input yet: one process runs those")
+    model = CheckpointDiT(str(args.weights), dit.config, dtype) if args.weights else \
+        RandomDiT(dit.config, dtype, seed=args.seed)
+    # lane 0 draws its noise from config.seed, as StreamEngine does
+    return PipelineStream(PipelineEngine(model, config, [prompt.to("cpu", dtype)], PipelineConfig(stages=args.stages)))
+
+
+def check_stages(args: argparse.Namespace) -> None:
+    """Refuse `--stages` settings before any model is built."""
+    if args.stages < 1:
+        raise ConfigError(f"--stages={args.stages} must be >= 1")
+    if args.stages == 1:
+        return
+    if getattr(args, "family", None) or getattr(args, "input", None) or getattr(args, "simulator", False):
+        raise ConfigError("--stages does not take --family, --input or --simulator: one process runs those")
     if args.device != "cpu":
         raise ConfigError("--stages runs stage processes on the CPU here (gloo); GPU stages take PipelineConfig.devices "
                           "from Python")
-    model = CheckpointDiT(str(args.weights), dit.config, dtype) if args.weights else \
-        RandomDiT(dit.config, dtype, seed=args.seed)
-    pipeline = PipelineEngine(model, config, [prompt.to("cpu", dtype)], PipelineConfig(stages=args.stages),
-                              noises=[GaussianNoise(config.seed)])
-    return PipelineStream(pipeline)
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -190,8 +196,7 @@ def run_generate(args: argparse.Namespace) -> None:
         raise ConfigError("--dtype float16 on the CPU is ~50x slower than bfloat16; use bfloat16 or float32")
     if args.frames < 1:
         raise ConfigError(f"--frames={args.frames} must be >= 1")
-    if args.stages < 1:
-        raise ConfigError(f"--stages={args.stages} must be >= 1")
+    check_stages(args)
     if args.height % (2 * VAE_SPATIAL) or args.width % (2 * VAE_SPATIAL):
         raise ConfigError(f"--height/--width {args.height}x{args.width} must be multiples of {2 * VAE_SPATIAL}")
     if not args.output and not args.latents_out:
@@ -275,10 +280,9 @@ def run_bench(args: argparse.Namespace) -> None:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if dtype == torch.float16 and device.type == "cpu":
         raise ConfigError("--dtype float16 on the CPU is ~50x slower than bfloat16; use bfloat16 or float32")
+    check_stages(args)
     dit = build_model(args, dtype, device).eval()
     prompt = HashedTextEncoder(dit.config.text_dim, dit.config.text_len).encode(DEFAULT_PROMPT)
-    if args.stages < 1:
-        raise ConfigError(f"--stages={args.stages} must be >= 1")
     config = engine_config(args, args.height // VAE_SPATIAL, args.width // VAE_SPATIAL)
     engine = pipeline_engine(args, dit, config, prompt, dtype) if args.stages > 1 else \
         StreamEngine(dit, config, prompt.to(device, dtype))
@@ -365,8 +369,7 @@ def check_session_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--height/--width {args.height}x{args.width} must be multiples of {2 * VAE_SPATIAL}")
     if args.output_scale < 1:
         raise ConfigError(f"--output-scale={args.output_scale} must be >= 1")
-    if args.stages < 1 or (args.stages > 1 and args.simulator):
-        raise ConfigError(f"--stages={args.stages} must be >= 1 (and 1 with --simulator: the world has no layers)")
+    check_stages(args)
     if args.simulator:
         from framecast.models.world.prompt import parse_prompt
 

@@ -193,6 +193,10 @@ def test_generate_over_two_stage_processes_writes_exactly_the_one_process_latent
 def test_generate_stages_refuses_what_it_cannot_split(tmp_path, capsys) -> None:
     assert main(["generate", "--stages", "0", "-o", str(tmp_path / "x.mp4")]) == 2
     assert "--stages=0 must be >= 1" in capsys.readouterr().err
+    assert main(["vcam", "--stages", "2", "--simulator", "--backend", "v4l2loopback"]) == 2
+    assert "--stages does not take --family, --input or --simulator" in capsys.readouterr().err
+    assert main(["bench", "--stages", "2", "--device", "meta"]) == 2  # refused before any model is built
+    assert "--stages runs stage processes on the CPU" in capsys.readouterr().err
 
 
 def test_vcam_streams_a_model_split_over_two_stage_processes(capsys) -> None:

@@ -146,8 +146,7 @@ def test_the_studio_plays_webrtc_switches_prompts_and_steers_the_agent(tmp_path)
             before = read_setting(shown(page))
             assert (before.terrain, before.time) == (Terrain.GRASS, TimeOfDay.DAY)
             page.fill("#prompt", "snow at night")
-            sent = time.monotonic()
-            page.press("#prompt", "Enter")
+            page.press("#prompt", "Enter")  # wait_for times from here
 
             def switched() -> bool:
                 setting = read_setting(shown(page))
@@ -157,7 +156,6 @@ def test_the_studio_plays_webrtc_switches_prompts_and_steers_the_agent(tmp_path)
             results["prompt_to_visible_s"] = round(effect_s, 3)
             acks = page.evaluate("studio.acks")
             assert [a["control"] for a in acks] == ["prompt"] and not acks[0]["superseded"]
-            del sent
 
             # keys: hold a direction with room to move, the agent moves that way
             page.click("#video")
@@ -165,7 +163,6 @@ def test_the_studio_plays_webrtc_switches_prompts_and_steers_the_agent(tmp_path)
             assert agent is not None, "no agent visible in the stream"
             key, sign = ("ArrowLeft", -1) if agent.xy[0] > 64 else ("ArrowRight", 1)
             page.keyboard.down(key)
-            pressed = time.monotonic()
 
             def moved() -> bool:
                 now = read_agent(shown(page))
@@ -174,7 +171,6 @@ def test_the_studio_plays_webrtc_switches_prompts_and_steers_the_agent(tmp_path)
             _, move_s = wait_for(moved, timeout_s=5.0)
             results["key_to_visible_move_s"] = round(move_s, 3)
             page.keyboard.up(key)
-            del pressed
             time.sleep(1.0)  # released: the agent glides to rest
             rest = read_agent(shown(page))
             time.sleep(0.5)
