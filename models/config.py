@@ -111,6 +111,8 @@ PRESETS: dict[str, DiTConfig] = {
     "wan2.1-t2v-14b": DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     # a mid-size model for CPU benchmarks (20.4M params)
     "small": DiTConfig(dim=384, ffn_dim=1536, num_heads=6, num_layers=8, text_dim=256, text_len=64),
+    # the embedded world model (stream/worldmodel): 3.95M params, 8x8 tokens per 128x128 frame, 5 action ids
+    "world": DiTConfig(dim=192, ffn_dim=768, num_heads=3, num_layers=6, text_dim=64, text_len=8, num_actions=5),
     # the parity fixtures' size: 2 layers of width 64 (0.16M params)
     "tiny": DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, text_len=16),
 }

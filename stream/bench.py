@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 
-from framecast.stream.deadline import Action, DeadlineConfig, DeadlineScheduler, Fill
+from framecast.stream.deadline import Action, DeadlineConfig, DeadlineScheduler, Fill, decoder_frame_rule
 from framecast.stream.engine import StreamEngine
 from framecast.stream.metrics import StreamMetrics
 from framecast.stream.producer import Decoder, Producer
@@ -71,7 +71,7 @@ def run_realtime_bench(
 ) -> StreamMetrics:
     config = DeadlineConfig(
         fps=fps, latency_budget_s=latency_budget_s, step_lists=engine_step_lists(engine),
-        fill=Fill(fill), chunk_frames=engine.config.chunk_frames,
+        fill=Fill(fill), chunk_frames=engine.config.chunk_frames, **decoder_frame_rule(decoder),
     )
     scheduler = DeadlineScheduler(config)
     warm_up(engine, decoder, scheduler)

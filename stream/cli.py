@@ -1,6 +1,9 @@
 """The `framecast` command line.
 
-    framecast generate --preset tiny --prompt "a red fox in snow" --frames 64 -o out.mp4
+    framecast generate --prompt "a cyan triangle on snow at night" --actions right:20,up:10 -o out.mp4
+    framecast generate --preset tiny --prompt "a red fox in snow" --frames 64 -o out.mp4   (random weights)
+    framecast train world --out runs/world --ship                 the embedded model, end to end
+    framecast eval world                                           its metrics against the world's ground truth
     framecast bench --seconds 10
     framecast serve --output-scale 4 [--vcam]     live: browsers, programs, WebRTC (and a virtual camera)
     framecast vcam --output-scale 4                live to a virtual camera only (v4l2loopback, OBS Virtual Camera)
@@ -41,14 +44,18 @@ def parse_steps(text: str) -> tuple[int, ...]:
 
 def add_generate(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("generate", help="generate a video file from a prompt")
-    p.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)} (default tiny)")
+    p.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default: the embedded world model; other "
+                   "presets run with random weights unless --weights is given)")
     p.add_argument("--weights", type=Path, help="checkpoint (.pt/.pth of the causal-Wan families, or .safetensors)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text")
+    p.add_argument("--prompt", help="prompt text (the world model: words of its vocabulary, e.g. 'a cyan triangle on "
+                   "snow at night in rain'; default: a red circle on grass by day in clear weather)")
+    add_world_flags(p)
     p.add_argument("--prompt-embeds", type=Path, help="precomputed text-encoder output [T, text_dim] (.pt/.safetensors)")
     p.add_argument("--text-encoder", type=Path, help="Wan's umT5 checkpoint (models_t5_umt5-xxl-enc-bf16.pth)")
     p.add_argument("--tokenizer", type=Path, help="local google/umt5-xxl tokenizer folder (with --text-encoder)")
-    p.add_argument("--decoder", choices=["preview", "wan-vae", "taehv"], default="preview",
-                   help="latent decoder: the preview (no weights), the Wan VAE or TAEHV (needs --decoder-weights)")
+    p.add_argument("--decoder", choices=["preview", "wan-vae", "taehv"],
+                   help="latent decoder of Wan-size models: the preview (default, no weights), the Wan VAE or TAEHV "
+                   "(needs --decoder-weights); the world model has its own")
     p.add_argument("--decoder-weights", type=Path, help="Wan2.1_VAE.pth or taew2_1.pth")
     p.add_argument("--input", type=Path, help="input video for video-to-video (needs --decoder wan-vae); start the "
                    "step list below 1000 to keep its structure, e.g. --steps 700,500")
@@ -59,7 +66,7 @@ def add_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--latents-out", type=Path, help="also save the latents [B, F, C, H, W] (.safetensors)")
     p.add_argument("--height", type=int, default=128, help="frame height in pixels (multiple of 16)")
     p.add_argument("--width", type=int, default=128, help="frame width in pixels (multiple of 16)")
-    p.add_argument("--fps", type=int, default=16, help="frame rate of the file (default 16, Wan's)")
+    p.add_argument("--fps", type=int, help="frame rate of the file (default 30 for the world model, 16 for Wan's)")
     p.add_argument("--family", help="a causal-Wan family preset (self-forcing, causvid, longlive, streamdiffusionv2, "
                    "rolling-forcing): its DiT, checkpoint layout and stream settings; --weights is its file or folder")
     add_stream_flags(p)
@@ -67,6 +74,88 @@ def add_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(run=run_generate)
+
+
+def add_world_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--actions", default="random", help="world model: the keys held, 'random' (default: as a person "
+                   "plays) or e.g. 'right:12,up:6,none:3,left' (key:frames, repeated to the end)")
+    p.add_argument("--switch", action="append", default=[], metavar="FRAME:PROMPT",
+                   help="world model: a new prompt from this frame on, naming only what changes, e.g. '48:at night "
+                   "in rain' (repeatable; lands at the chunk boundary at or before FRAME)")
+    add_world_model_flags(p)
+
+
+def add_world_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--world-dit", choices=["student", "teacher"], default="student",
+                   help="world model: the few-step student (default, 4 steps) or the teacher (32 steps by default)")
+    p.add_argument("--world-weights", type=Path, help="world model: a folder with its files (default: the shipped "
+                   "models/world/weights; or a `framecast train world` run folder)")
+
+
+def uses_world_model(args: argparse.Namespace) -> bool:
+    """The embedded world model runs unless the flags name another model (a preset, weights or a family)."""
+    other = getattr(args, "weights", None) or getattr(args, "family", None) or getattr(args, "simulator", False)
+    return not other and getattr(args, "preset", None) in (None, "world")
+
+
+def check_world_args(args: argparse.Namespace) -> None:
+    """Refuse flags the world model does not take, naming them."""
+    if (args.height, args.width) != (128, 128):
+        raise ConfigError(f"the world model makes 128x128 frames; --height/--width {args.height}x{args.width} "
+                          "(enlarge with --output-scale where a command has it)")
+    fixed = [f"--{name.replace('_', '-')}" for name in ("chunk_frames", "shift", "cache", "window_frames", "sink_frames")
+             if getattr(args, name, None) is not None]
+    fixed += [flag for flag, name in (("--decoder", "decoder"), ("--prompt-embeds", "prompt_embeds"),
+                                      ("--text-encoder", "text_encoder"), ("--input", "input"),
+                                      ("--latents-out", "latents_out")) if getattr(args, name, None)]
+    if fixed:
+        raise ConfigError(f"{', '.join(fixed)}: the world model streams with its trained settings, its own text "
+                          "encoder and decoder; these flags are for Wan-size models (--preset/--weights/--family)")
+    if getattr(args, "stages", 1) > 1:
+        raise ConfigError("--stages splits Wan-size models; the world model runs in one process")
+
+
+def world_steps(args: argparse.Namespace) -> tuple[int, ...]:
+    from framecast.stream.worldmodel.recipe import STUDENT_STEPS, teacher_step_list
+
+    if args.denoising_steps:
+        return args.denoising_steps
+    return teacher_step_list() if args.world_dit == "teacher" else STUDENT_STEPS[4]
+
+
+def load_world_model(args: argparse.Namespace):
+    from framecast.stream.worldmodel.bundle import WorldModel
+    from framecast.stream.worldmodel.recipe import WEIGHTS_DIR
+
+    return WorldModel.load(args.world_weights or WEIGHTS_DIR, args.world_dit, dtype=DTYPES[args.dtype],
+                           device=args.device)
+
+
+def run_generate_world(args: argparse.Namespace) -> None:
+    from framecast.stream.sinks.file import VideoFileSink
+    from framecast.stream.worldmodel.bundle import DEFAULT_WORLD_PROMPT
+    from framecast.stream.worldmodel.rollout import command_line_script, parse_switch, stream_frames
+
+    check_world_args(args)
+    if not args.output:
+        raise ConfigError("nothing to write: give -o/--output")
+    switches = [parse_switch(text) for text in args.switch]
+    script = command_line_script(args.prompt or DEFAULT_WORLD_PROMPT, switches, args.actions, args.frames, args.seed)
+    model = load_world_model(args)
+    steps = world_steps(args)
+    fps = args.fps or 30
+    sink = VideoFileSink(args.output, fps)
+    written, start = 0, time.perf_counter()
+    try:
+        for frames in stream_frames(model, script, steps, seed=args.seed, progress=True):
+            frames = frames[: args.frames - written]
+            sink.write(frames)
+            written += len(frames)
+    finally:
+        sink.close()
+    seconds = time.perf_counter() - start
+    print(f"wrote {written} frames (128x128, {fps} fps, world {args.world_dit}, {len(steps)} steps) to {args.output}: "
+          f"{written / seconds:.1f} frames/s")
 
 
 STREAM_DEFAULTS = dict(chunk_frames=3, denoising_steps=(1000, 750, 500, 250), shift=5.0, cache="rolling",
@@ -190,6 +279,17 @@ def check_stages(args: argparse.Namespace) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    if args.frames < 1:
+        raise ConfigError(f"--frames={args.frames} must be >= 1")
+    if uses_world_model(args):
+        return run_generate_world(args)
+    if args.switch or args.actions != "random" or args.world_weights or args.world_dit != "student":
+        raise ConfigError("--actions, --switch, --world-dit and --world-weights are the world model's; they do not "
+                          "go with --preset/--weights/--family")
+    args.prompt = args.prompt or DEFAULT_PROMPT
+    args.decoder = args.decoder or "preview"
+    args.fps = args.fps or 16
+    args.preset = args.preset or "tiny"
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     if dtype == torch.float16 and device.type == "cpu":
@@ -250,7 +350,9 @@ def run_generate(args: argparse.Namespace) -> None:
 
 def add_bench(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("bench", help="stream in real time under the deadline scheduler and print its metrics")
-    p.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)} (default tiny)")
+    p.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default: the embedded world model; other "
+                   "presets run with random weights unless --weights is given)")
+    add_world_model_flags(p)
     p.add_argument("--weights", type=Path, help="checkpoint to load instead of random weights")
     p.add_argument("--seconds", type=float, default=10.0, help="how long to stream (default 10)")
     p.add_argument("--fps", type=int, default=30, help="target video frame rate (default 30)")
@@ -281,14 +383,21 @@ def run_bench(args: argparse.Namespace) -> None:
     if dtype == torch.float16 and device.type == "cpu":
         raise ConfigError("--dtype float16 on the CPU is ~50x slower than bfloat16; use bfloat16 or float32")
     check_stages(args)
-    dit = build_model(args, dtype, device).eval()
-    prompt = HashedTextEncoder(dit.config.text_dim, dit.config.text_len).encode(DEFAULT_PROMPT)
-    config = engine_config(args, args.height // VAE_SPATIAL, args.width // VAE_SPATIAL)
-    engine = pipeline_engine(args, dit, config, prompt, dtype) if args.stages > 1 else \
-        StreamEngine(dit, config, prompt.to(device, dtype))
+    if uses_world_model(args):
+        check_world_args(args)
+        model = load_world_model(args)
+        engine, decoder = model.engine(steps=world_steps(args), seed=args.seed), model.decoder()
+    else:
+        args.preset = args.preset or "tiny"
+        dit = build_model(args, dtype, device).eval()
+        prompt = HashedTextEncoder(dit.config.text_dim, dit.config.text_len).encode(DEFAULT_PROMPT)
+        config = engine_config(args, args.height // VAE_SPATIAL, args.width // VAE_SPATIAL)
+        engine = pipeline_engine(args, dit, config, prompt, dtype) if args.stages > 1 else \
+            StreamEngine(dit, config, prompt.to(device, dtype))
+        decoder = PreviewDecoder(dit.config.out_dim, VAE_SPATIAL, VAE_TEMPORAL)
     try:
         metrics = run_realtime_bench(
-            engine, PreviewDecoder(dit.config.out_dim, VAE_SPATIAL, VAE_TEMPORAL), fps=args.fps,
+            engine, decoder, fps=args.fps,
             latency_budget_s=args.latency_budget, seconds=args.seconds, fill=args.fill, background_load=args.load,
         )
     finally:
@@ -304,18 +413,21 @@ def run_bench(args: argparse.Namespace) -> None:
 
 def add_session_flags(p: argparse.ArgumentParser) -> None:
     """The model and live-session flags `serve` and `vcam` share."""
-    p.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)} (default tiny)")
+    p.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default: the embedded world model; other "
+                   "presets run with random weights unless --weights is given)")
     p.add_argument("--weights", type=Path, help="checkpoint (.pt/.pth of the causal-Wan families, or .safetensors)")
     p.add_argument("--family", help="a causal-Wan family preset; --weights is its file or folder")
-    p.add_argument("--prompt", help="the first prompt (clients switch it live; default: a quiet lake at dawn, or "
-                   "the simulator's own)")
+    add_world_model_flags(p)
+    p.add_argument("--prompt", help="the first prompt (clients switch it live; default: the world model's or the "
+                   "simulator's own, a quiet lake at dawn for Wan-size models)")
     p.add_argument("--simulator", action="store_true",
                    help="stream the procedural world itself instead of a model (what the embedded model imitates: "
                    "prompts in its vocabulary, arrow keys steer the agent; exact, for demos and end-to-end checks)")
-    p.add_argument("--decoder", choices=["preview", "wan-vae", "taehv"], default="preview",
-                   help="latent decoder: the preview (no weights), the Wan VAE or TAEHV (needs --decoder-weights)")
+    p.add_argument("--decoder", choices=["preview", "wan-vae", "taehv"],
+                   help="latent decoder of Wan-size models: the preview (default), the Wan VAE or TAEHV (needs "
+                   "--decoder-weights); the world model has its own")
     p.add_argument("--decoder-weights", type=Path, help="Wan2.1_VAE.pth or taew2_1.pth")
-    p.add_argument("--fps", type=int, default=16, help="video frame rate (default 16, Wan's)")
+    p.add_argument("--fps", type=int, help="video frame rate (default 30 for the world model, 16 otherwise)")
     p.add_argument("--latency-budget", type=float, default=1.0, help="seconds from a frame's media time to its send")
     p.add_argument("--height", type=int, default=128, help="frame height in pixels (multiple of 16)")
     p.add_argument("--width", type=int, default=128, help="frame width in pixels (multiple of 16)")
@@ -370,6 +482,13 @@ def check_session_args(args: argparse.Namespace) -> None:
     if args.output_scale < 1:
         raise ConfigError(f"--output-scale={args.output_scale} must be >= 1")
     check_stages(args)
+    args.fps = args.fps or (30 if uses_world_model(args) else 16)
+    if uses_world_model(args):
+        check_world_args(args)
+        if args.prompt is not None:
+            from framecast.models.world.prompt import parse_prompt
+
+            parse_prompt(args.prompt)  # a word outside the world's vocabulary fails here, naming it
     if args.simulator:
         from framecast.models.world.prompt import parse_prompt
 
@@ -383,7 +502,16 @@ def build_session(args: argparse.Namespace, token: str | None = None):
     """The live session the flags describe (not started)."""
     from framecast.stream.session import Session, SessionConfig
 
+    world = uses_world_model(args)
     config = SessionConfig(fps=args.fps, latency_budget_s=args.latency_budget, output_scale=args.output_scale)
+    if world:
+        from framecast.stream.worldmodel.bundle import DEFAULT_WORLD_PROMPT
+
+        model = load_world_model(args)
+        prompt_text = model.prompt_text(args.prompt or DEFAULT_WORLD_PROMPT)
+        engine = model.engine(prompt_text.settings, steps=world_steps(args), seed=args.seed)
+        return Session(engine, model.decoder(), prompt_text, config, token=token)
+    args.preset, args.decoder = args.preset or "tiny", args.decoder or "preview"
     if args.simulator:
         from framecast.stream.simulator import PixelDecoder, SimulatorConfig, WorldSimulator
 
@@ -484,6 +612,62 @@ def run_vcam(args: argparse.Namespace) -> None:
         raise SessionClosed(f"the virtual camera failed: {sink.failure}") from sink.failure
 
 
+def add_train(commands: argparse._SubParsersAction) -> None:
+    from framecast.stream.worldmodel.train import TrainWorldSettings
+
+    p = commands.add_parser("train", help="train the embedded world model (data, autoencoder, teacher, student, eval)")
+    p.add_argument("what", choices=["world"], help="the model to train")
+    p.add_argument("--out", type=Path, default=Path("runs/world"), help="run folder (resumes what is there)")
+    p.add_argument("--autoencoder-minutes", type=float, default=TrainWorldSettings.autoencoder_minutes,
+                   help="time cap of the autoencoder (0: reuse the shipped one)")
+    p.add_argument("--teacher-minutes", type=float, default=TrainWorldSettings.teacher_minutes)
+    p.add_argument("--student-minutes", type=float, default=TrainWorldSettings.student_minutes)
+    p.add_argument("--clips", type=int, default=TrainWorldSettings.clips, help="latent clips of 24 frames to train on")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation")
+    p.add_argument("--ship", action="store_true", help="copy the finished model into models/world/weights")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from framecast.stream.worldmodel.train import TrainWorldSettings, main_train
+
+    settings = TrainWorldSettings(autoencoder_minutes=args.autoencoder_minutes, teacher_minutes=args.teacher_minutes,
+                                  student_minutes=args.student_minutes, clips=args.clips, evaluate=not args.no_eval)
+    main_train(args.out, settings, args.device, args.ship, args.threads)
+
+
+def add_eval(commands: argparse._SubParsersAction) -> None:
+    from framecast.stream.worldmodel.evaluate import EvalSettings
+
+    p = commands.add_parser("eval", help="measure the world model against the world's ground truth")
+    p.add_argument("what", choices=["world"], help="the model to evaluate")
+    p.add_argument("--weights", type=Path, help="folder with the model files (default: the shipped ones)")
+    p.add_argument("--out", type=Path, help="write eval.json and the plots here")
+    p.add_argument("--frames", type=int, default=EvalSettings.frames, help="frames per model row")
+    p.add_argument("--switch-every", type=int, default=EvalSettings.switch_every, help="frames between prompt switches")
+    p.add_argument("--long-frames", type=int, default=EvalSettings.long_frames,
+                   help="frames of the drift stream (0: no drift measurement)")
+    p.add_argument("--rows", help="comma-separated rows (default: all): " + ", ".join(EvalSettings.rows))
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from framecast.stream.worldmodel.evaluate import EvalSettings, main_eval
+    from framecast.stream.worldmodel.recipe import WEIGHTS_DIR
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = tuple(r.strip() for r in args.rows.split(",")) if args.rows else EvalSettings.rows
+    unknown = [r for r in rows if r not in EvalSettings.rows]
+    if unknown:
+        raise ConfigError(f"unknown --rows {unknown}; rows: {', '.join(EvalSettings.rows)}")
+    settings = EvalSettings(frames=args.frames, switch_every=args.switch_every, long_frames=args.long_frames, rows=rows)
+    main_eval(args.weights or WEIGHTS_DIR, args.out, settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="framecast", description="Real-time streaming video generation")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -492,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
     add_bench(commands)
     add_serve(commands)
     add_vcam(commands)
+    add_train(commands)
+    add_eval(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

@@ -95,6 +95,13 @@ def _check_int(name: str, value: object, low: int) -> None:
         raise ConfigError(f"{name}={value!r} must be an integer >= {low}")
 
 
+def decoder_frame_rule(decoder: object) -> dict[str, int]:
+    """A decoder's video frames per latent frame (`frames_per_latent`, `first_latent_frames` attributes); the Wan
+    VAE's rule (1, then 4 each) for decoders that do not say."""
+    return {"frames_per_latent": getattr(decoder, "frames_per_latent", 4),
+            "first_latent_frames": getattr(decoder, "first_latent_frames", 1)}
+
+
 @dataclass(frozen=True)
 class DeadlineConfig:
     """The deadline scheduler's settings, validated at construction.

@@ -26,6 +26,9 @@ from framecast.stream.sampler import FlowMatchSchedule, Step, denoise, renoise
 from framecast.stream.timing import StageTimer
 
 
+MAX_STEPS = 64  # distilled models take 1-4; a teacher is sampled with 32 or more
+
+
 class CacheKind(enum.Enum):
     """Memory of a softmax-attention model (a linear-attention model always keeps a linear state)."""
 
@@ -67,8 +70,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
-        if not 1 <= len(self.denoising_steps) <= 8:
-            raise ConfigError(f"denoising_steps={self.denoising_steps} must have 1 to 8 steps")
+        if not 1 <= len(self.denoising_steps) <= MAX_STEPS:
+            raise ConfigError(f"denoising_steps={self.denoising_steps} must have 1 to {MAX_STEPS} steps")
         if not 0 <= self.context_noise < 1000:
             raise ConfigError(f"context_noise={self.context_noise} must be in [0, 1000)")
         if not isinstance(self.cache, CacheKind):

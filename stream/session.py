@@ -37,7 +37,7 @@ from framecast.stream.control import (
     ActionControl, Control, PauseControl, PromptControl, ResumeControl, SeedControl, StepsControl, encode,
     encode_ack, encode_error,
 )
-from framecast.stream.deadline import Action, DeadlineConfig, DeadlineScheduler
+from framecast.stream.deadline import Action, DeadlineConfig, DeadlineScheduler, decoder_frame_rule
 from framecast.stream.engine import LatentChunk
 from framecast.stream.metrics import StreamMetrics
 from framecast.stream.producer import Decoder, Producer, VideoFrame
@@ -161,7 +161,7 @@ class Session:
         step_lists = engine_step_lists(engine)
         self.scheduler = DeadlineScheduler(
             DeadlineConfig(fps=config.fps, latency_budget_s=config.latency_budget_s, step_lists=step_lists,
-                           chunk_frames=engine.config.chunk_frames),
+                           chunk_frames=engine.config.chunk_frames, **decoder_frame_rule(decoder)),
             now=self.time.now,
         )
         self.metrics = StreamMetrics(now=self.time.now, start_s=self.scheduler.clock.start_s)

@@ -230,6 +230,9 @@ class WorldDecoder:
     a stream chunk by chunk equals decoding it in one call; `reset` starts a new stream.
     """
 
+    frames_per_latent = 1  # video frames per latent frame (the deadline scheduler's frame accounting)
+    first_latent_frames = 1
+
     def __init__(self, model: WorldAutoencoder, dtype: torch.dtype = torch.float32) -> None:
         if dtype not in (torch.float32, torch.bfloat16, torch.float64):
             raise ConfigError(f"dtype={dtype} must be float32, bfloat16 or float64 (float16 is very slow on CPUs)")

@@ -1,0 +1,141 @@
+"""`framecast eval world`: the world model's quality measured on decoded frames against the world's ground truth.
+
+Rows: the world itself (ground truth), the teacher at >= 32 steps and at 4, the student at 4, 2 and 1 steps, and a
+random-weight DiT (same text encoder and decoder) as the floor. Every row streams the same script: random held
+keys and a new random scene every `switch_every` frames. Drift: one long student stream, the metrics of its first
+and last `drift_window` frames. Writes `eval.json`, a markdown table and plots into `out`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from framecast.models.errors import ConfigError
+from framecast.models.world.evaluation import (
+    StreamMetrics, adherence_over_time, drift, metrics_table, plot_drift, plot_metrics, stream_metrics, window,
+)
+from framecast.stream.model_source import RandomDiT
+from framecast.stream.worldmodel.bundle import WorldModel
+from framecast.stream.worldmodel.recipe import CHUNK_FRAMES, STUDENT_STEPS, WEIGHTS_DIR, WORLD_DIT, teacher_step_list
+from framecast.stream.worldmodel.rollout import model_rollout, random_script, world_rollout
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    frames: int = 900
+    switch_every: int = 60
+    teacher_steps: int = 32
+    long_frames: int = 5000
+    drift_window: int = 500
+    long_switch_every: int = 150
+    seed: int = 10_000  # training clips use episode seeds from 0
+    rows: tuple[str, ...] = ("ground truth", "teacher 32 steps", "teacher 4 steps", "student 4 steps",
+                             "student 2 steps", "student 1 step", "random weights 4 steps")
+
+    def __post_init__(self) -> None:
+        for name in ("frames", "switch_every", "long_switch_every"):
+            if getattr(self, name) % CHUNK_FRAMES:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a multiple of the chunk ({CHUNK_FRAMES})")
+        if self.long_frames and self.long_frames < 2 * self.drift_window:
+            raise ConfigError(f"long_frames={self.long_frames} must be 0 or >= 2 x drift_window={self.drift_window}")
+        if self.teacher_steps < 32:
+            raise ConfigError(f"teacher_steps={self.teacher_steps}: the teacher is measured at >= 32 steps")
+
+
+def row_model(name: str, student: WorldModel, teacher: WorldModel | None) -> tuple[WorldModel, tuple[int, ...]]:
+    """The model and step list a row names."""
+    kind, count = name.split()[0], int(name.split()[-2])
+    if kind == "random":
+        dit = RandomDiT(WORLD_DIT, torch.bfloat16, seed=0, action_std=0.02)()
+        return dataclasses.replace(student, dit=dit, which="random"), STUDENT_STEPS[4]
+    if kind == "teacher":
+        if teacher is None:
+            raise ConfigError("the teacher's weights are needed for the teacher rows")
+        return teacher, teacher_step_list(count) if count > 4 else STUDENT_STEPS[count]
+    return student, STUDENT_STEPS[count]
+
+
+def evaluate_world(
+    folder: Path = WEIGHTS_DIR, settings: EvalSettings = EvalSettings(), out: Path | None = None, progress: bool = True,
+) -> dict:
+    """Run the evaluation; returns (and, with `out`, writes) the results."""
+    torch.manual_seed(0)
+    student = WorldModel.load(folder, "student")
+    needs_teacher = any(r.startswith("teacher") for r in settings.rows)
+    teacher = WorldModel.load(folder, "teacher") if needs_teacher else None
+    script = random_script(settings.seed, settings.frames, settings.switch_every)
+    rows: dict[str, StreamMetrics] = {}
+    seconds: dict[str, float] = {}
+    samples: dict[str, np.ndarray] = {}
+    for name in settings.rows:
+        started = time.perf_counter()
+        if name == "ground truth":
+            rollout = world_rollout(script, seed=settings.seed)
+        else:
+            model, steps = row_model(name, student, teacher)
+            rollout = model_rollout(model, script, steps, seed=settings.seed, progress=progress)
+        seconds[name] = time.perf_counter() - started
+        rows[name] = stream_metrics(rollout)
+        samples[name] = rollout.frames[:: max(settings.switch_every // 2, 1)][:12]
+        print(f"{name}: adherence {rows[name].prompt_adherence:.1f}%, actions {rows[name].action_following:.1f}% "
+              f"({seconds[name]:.0f} s)", flush=True)
+    results: dict = {"settings": asdict(settings), "rows": {k: asdict(v) for k, v in rows.items()},
+                     "stream_seconds": seconds, "table": metrics_table(rows)}
+    series = {}
+    if settings.long_frames:
+        long_script = random_script(settings.seed + 1, settings.long_frames, settings.long_switch_every)
+        long = model_rollout(student, long_script, STUDENT_STEPS[4], seed=settings.seed + 1, progress=progress)
+        first = stream_metrics(window(long, 0, settings.drift_window))
+        last = stream_metrics(window(long, settings.long_frames - settings.drift_window, settings.long_frames))
+        results["drift"] = {"first": asdict(first), "last": asdict(last), "difference": drift(first, last),
+                            "table": metrics_table({f"frames 0-{settings.drift_window}": first,
+                                                    f"frames {settings.long_frames - settings.drift_window}-"
+                                                    f"{settings.long_frames}": last})}
+        series["student 4 steps"] = adherence_over_time(long, bucket_frames=100)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(results, indent=1, default=float))
+        plot_metrics(rows, out / "eval_metrics.png")
+        if series:
+            plot_drift(series, 100, out / "eval_drift.png")
+        contact_sheet(samples, out / "eval_samples.png")
+    return results
+
+
+def contact_sheet(samples: dict[str, np.ndarray], path: Path) -> None:
+    """One row of frames per model (the same media times), labelled: what the numbers look like."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    columns = max(len(frames) for frames in samples.values())
+    figure, axes = plt.subplots(len(samples), columns, figsize=(columns * 1.1, len(samples) * 1.25), squeeze=False)
+    for row, (name, frames) in enumerate(samples.items()):
+        for column in range(columns):
+            axis = axes[row][column]
+            axis.set_xticks([]), axis.set_yticks([])
+            if column < len(frames):
+                axis.imshow(frames[column])
+            if column == 0:
+                axis.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def main_eval(folder: Path, out: Path | None, settings: EvalSettings) -> dict:
+    results = evaluate_world(folder, settings, out)
+    print(results["table"])
+    if "drift" in results:
+        print(results["drift"]["table"])
+        print("drift (last - first, points):", {k: round(v, 2) for k, v in results["drift"]["difference"].items()})
+    return results
+

@@ -1,0 +1,46 @@
+"""What the embedded world model is: its DiT size, how it streams, and where its files live.
+
+Sized for the speed target (>= 30 frames/s at 128x128 on a 2-core CPU, decoder included): 6 layers of width 192
+over 8x8 tokens per frame stream a 3-frame chunk in 4 steps in ~66 ms (45 frames/s before decoding, bf16), and
+4M parameters fit teacher and student in bfloat16 beside the autoencoder under the 20 MB budget.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from framecast.models.config import preset
+from framecast.models.world.vocabulary import Action
+from framecast.stream.engine import CacheKind, EngineConfig, SwitchPolicy
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "models" / "world" / "weights"
+AUTOENCODER_FILE = "world_autoencoder.safetensors"
+TEXT_ENCODER_FILE = "world_text_encoder.safetensors"
+TEACHER_FILE = "world_teacher.safetensors"
+STUDENT_FILE = "world_student.safetensors"
+
+WORLD_DIT = preset("world")
+assert WORLD_DIT.num_actions == len(Action)
+LATENT_SIZE = 16  # 128 px / 8
+CHUNK_FRAMES = 3
+# no sinks: RoPE offsets between any two attended frames stay < 12, as in training, however long the stream runs
+WINDOW_FRAMES = 12
+SHIFT = 3.0  # a 16x16x16 latent needs less shift toward high noise than Wan's 60x104 (shift 5)
+STUDENT_STEPS = {1: (1000,), 2: (1000, 500), 4: (1000, 750, 500, 250)}
+TEACHER_STEPS = 32
+
+
+def teacher_step_list(steps: int = TEACHER_STEPS) -> tuple[int, ...]:
+    """An evenly spaced raw step list of `steps` steps from 1000 down (warped onto the shifted schedule)."""
+    return tuple(round(1000 - i * 1000 / steps) for i in range(steps))
+
+
+def world_engine_config(steps: tuple[int, ...] = STUDENT_STEPS[4], seed: int = 0, **changes: object) -> EngineConfig:
+    """How the world model streams: chunks of 3 latent (= video) frames, a 12-frame rolling window, no sinks."""
+    settings = dict(
+        latent_height=LATENT_SIZE, latent_width=LATENT_SIZE, chunk_frames=CHUNK_FRAMES, denoising_steps=steps,
+        shift=SHIFT, cache=CacheKind.ROLLING, window_frames=WINDOW_FRAMES, sink_frames=0,
+        switch_policy=SwitchPolicy.RECACHE, seed=seed,
+    )
+    settings.update(changes)
+    return EngineConfig(**settings)

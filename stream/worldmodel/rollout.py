@@ -1,0 +1,142 @@
+"""Streams of the world model under a known script of prompts and actions, and the world's own answer to it.
+
+An `StreamScript` says what a stream is asked: the scene shown from each frame on (switches at chunk boundaries,
+where a live prompt lands too) and the key held into every frame. `model_rollout` streams a model through the
+engine and decoder exactly as `framecast generate` does; `world_rollout` renders the procedural world under the
+same script (the ground truth row of the evaluation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from framecast.models.errors import ConfigError
+from framecast.models.world.episodes import HeldKeys
+from framecast.models.world.evaluation import Rollout
+from framecast.models.world.prompt import SceneSettings, parse_prompt, random_settings
+from framecast.models.world.state import WorldConfig
+from framecast.models.world.vocabulary import Action
+from framecast.models.world.world import World
+from framecast.stream.worldmodel.recipe import CHUNK_FRAMES
+
+
+@dataclass(frozen=True)
+class StreamScript:
+    settings: tuple[SceneSettings, ...]  # [T] the scene asked for in frame t
+    actions: np.ndarray  # int64 [T] the key held into frame t
+
+    def __post_init__(self) -> None:
+        if len(self.settings) != len(self.actions) or not len(self.actions):
+            raise ConfigError(f"{len(self.settings)} settings for {len(self.actions)} actions; need one each per frame")
+
+    @property
+    def frames(self) -> int:
+        return len(self.actions)
+
+
+def random_script(seed: int, frames: int, switch_every: int | None) -> StreamScript:
+    """Random held keys and a new random scene every `switch_every` frames (a multiple of the chunk)."""
+    if switch_every is not None and switch_every % CHUNK_FRAMES:
+        raise ConfigError(f"switch_every={switch_every} must be a multiple of the chunk ({CHUNK_FRAMES} frames)")
+    rng = np.random.default_rng([seed, 11])
+    actions = HeldKeys().actions(rng, frames)
+    settings, current = [], random_settings(rng)
+    for t in range(frames):
+        if switch_every and t and t % switch_every == 0:
+            current = random_settings(rng, unlike=current)
+        settings.append(current)
+    return StreamScript(tuple(settings), actions)
+
+
+def world_rollout(script: StreamScript, seed: int = 0, config: WorldConfig = WorldConfig()) -> Rollout:
+    """The procedural world itself under the script: the ground truth a model's stream is measured against."""
+    world = World(config, seed, script.settings[0])
+    frames = np.empty((script.frames, config.height, config.width, 3), dtype=np.uint8)
+    for t in range(script.frames):
+        if t and script.settings[t] != script.settings[t - 1]:
+            world.set_settings(script.settings[t])
+        world.step(int(script.actions[t]))
+        frames[t] = world.render()
+    return Rollout(frames, script.settings, script.actions)
+
+
+def stream_frames(
+    model, script: StreamScript, steps: tuple[int, ...], seed: int = 0, progress: bool = False,
+) -> Iterator[np.ndarray]:
+    """Stream `model` (a WorldModel) under the script: decoded uint8 frames [3, 128, 128, 3], chunk by chunk."""
+    if script.frames % CHUNK_FRAMES:
+        raise ConfigError(f"a script of {script.frames} frames must be a whole number of {CHUNK_FRAMES}-frame chunks")
+    engine = model.engine(script.settings[0], steps=steps, seed=seed)
+    decoder = model.decoder()
+    for start in tqdm(range(0, script.frames, CHUNK_FRAMES), desc=f"{model.which} {len(steps)} steps",
+                      unit="chunk", disable=not progress):
+        if start and script.settings[start] != script.settings[start - 1]:
+            engine.set_prompt(model.encode(script.settings[start]))
+        engine.set_action(torch.from_numpy(script.actions[start : start + CHUNK_FRAMES]))
+        with torch.inference_mode():
+            yield decoder.decode(engine.next_chunk().latents)[0].numpy()
+
+
+def model_rollout(model, script: StreamScript, steps: tuple[int, ...], seed: int = 0, progress: bool = False) -> Rollout:
+    """The whole stream of `model` under the script, for the evaluation."""
+    frames = np.concatenate(list(stream_frames(model, script, steps, seed, progress)))
+    return Rollout(frames, script.settings, script.actions)
+
+
+ACTION_WORDS = {action.name.lower(): action for action in Action}
+
+
+def parse_actions(spec: str, frames: int, seed: int = 0) -> np.ndarray:
+    """The key held into each of `frames` frames, from the command line's `--actions`:
+
+    - `random`: keys held for a few frames each, as a person plays (the training data's policy), seeded;
+    - `right:12,up:6,none:3,left`: each key for that many frames (1 without a count); the list repeats to the end.
+
+    Raises ConfigError naming the bad part and the keys.
+    """
+    if spec.strip().lower() == "random":
+        return HeldKeys().actions(np.random.default_rng([seed, 13]), frames)
+    keys: list[int] = []
+    for part in spec.split(","):
+        name, _, count = part.strip().lower().partition(":")
+        if name not in ACTION_WORDS or (count and (not count.isdigit() or int(count) < 1)):
+            raise ConfigError(
+                f"--actions part {part.strip()!r} must be KEY or KEY:FRAMES with FRAMES >= 1; keys: "
+                f"{', '.join(ACTION_WORDS)} (or the whole spec 'random')"
+            )
+        keys += [int(ACTION_WORDS[name])] * (int(count) if count else 1)
+    return np.resize(np.array(keys, dtype=np.int64), frames)
+
+
+def parse_switch(text: str) -> tuple[int, str]:
+    """`FRAME:PROMPT` -> (frame, prompt), e.g. `48:at night in rain`."""
+    frame, sep, prompt = text.partition(":")
+    if not sep or not frame.strip().isdigit() or not prompt.strip():
+        raise ConfigError(f"--switch {text!r} must be FRAME:PROMPT, e.g. '48:at night in rain'")
+    return int(frame), prompt.strip()
+
+
+def command_line_script(
+    prompt: str, switches: list[tuple[int, str]], actions: str, frames: int, seed: int = 0,
+) -> StreamScript:
+    """The script of `framecast generate`: a first prompt, prompt switches at frames (moved to the chunk boundary
+    at or before them, where a switch takes effect), keys per `parse_actions`. A switch names only the slots it
+    changes ("at night"); the rest stay."""
+    frames = -(-frames // CHUNK_FRAMES) * CHUNK_FRAMES
+    current = parse_prompt(prompt)
+    at: dict[int, str] = {}
+    for frame, text in switches:
+        if not 0 <= frame < frames:
+            raise ConfigError(f"--switch at frame {frame} is outside the video's {frames} frames")
+        at[frame - frame % CHUNK_FRAMES] = text
+    settings = []
+    for t in range(frames):
+        if t in at:
+            current = parse_prompt(at[t], current)
+        settings.append(current)
+    return StreamScript(tuple(settings), parse_actions(actions, frames, seed))

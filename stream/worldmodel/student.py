@@ -1,0 +1,301 @@
+"""Distil the teacher into a 1/2/4-step student that trains on its own rollouts.
+
+Method: trajectory distillation on self-rollouts. The student streams clips chunk by chunk exactly as the engine
+will (few-step sampler with fresh noise between steps, a clean context pass of its own output into a rolling KV
+cache, a prompt switch with recache where the clip switches, the clip's actions), so every chunk after the first is
+conditioned on the student's own past: the exposure-bias fix of Self-Forcing. For each chunk one exit step k of the
+schedule is drawn (Self-Forcing's trick: gradients at one step, the earlier ones run without them); the student's
+clean estimate at step k is regressed onto where the teacher's ODE goes from the same noisy latents, under the same
+(student-made) context, with `teacher_substeps` Euler steps. That target is deterministic given the input, so a
+plain squared error fits it (no critic network as DMD needs: at this size a second network and its updates would
+cost as much as the student's own), and the teacher also answers for the parts of a frame that the context leaves
+open (the first chunk's layout, where rain falls after a switch), which a regression onto recorded ground truth
+would blur. The chunk's output (its context for the next) is the exit step's estimate.
+
+    python3 -m framecast.stream.worldmodel.student --out runs/world --max-minutes 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from framecast.models.dit import CausalWanDiT, TextContext
+from framecast.models.errors import ConfigError
+from framecast.models.loading import load_dit, save_dit
+from framecast.kernels.attention import attention
+from framecast.models.world.latent_clips import LatentClips
+from framecast.models.world.text_encoder import WorldTextEncoder, load_text_encoder
+from framecast.stream.sampler import FlowMatchSchedule, Step, to_clean
+from framecast.stream.worldmodel.recipe import CHUNK_FRAMES, SHIFT, STUDENT_STEPS, WINDOW_FRAMES
+from framecast.stream.worldmodel.teacher import CLIPS_FILE, shifted_sigmas, update_ema
+
+STATE_FILE = "student_state.pt"
+
+
+@dataclass(frozen=True)
+class StudentSettings:
+    steps: int = 100_000  # iterations (one batch of rollouts each); --max-minutes usually ends training first
+    batch: int = 4
+    rollout_chunks: int = 8
+    learning_rate: float = 1e-4
+    teacher_substeps: int = 8  # Euler steps of the teacher's ODE from the exit step's sigma to 0
+    step_weights: tuple[float, float, float] = (0.25, 0.25, 0.5)  # how often rollouts use 1, 2, 4 steps
+    ema_decay: float = 0.99
+    checkpoint_every_s: float = 180.0
+    bfloat16_autocast: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch", "rollout_chunks", "teacher_substeps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if len(self.step_weights) != len(STUDENT_STEPS) or min(self.step_weights) < 0 or sum(self.step_weights) <= 0:
+            raise ConfigError(f"step_weights={self.step_weights} must be {len(STUDENT_STEPS)} weights >= 0, not all 0")
+
+
+def teacher_target(
+    teacher: CausalWanDiT, x: Tensor, sigma: float, text: TextContext, memory: TrainingWindow, actions: Tensor,
+    substeps: int,
+) -> Tensor:
+    """Where the teacher's probability-flow ODE goes from x at `sigma` (Euler, shifted spacing): clean latents."""
+    u_start = sigma / (SHIFT - (SHIFT - 1) * sigma)  # inverse of shifted_sigmas
+    sigmas = shifted_sigmas(torch.linspace(u_start, 0.0, substeps + 1)).tolist()
+    batch, frames = x.shape[:2]
+    x = x.to(teacher.dtype)
+    for now, after in zip(sigmas[:-1], sigmas[1:]):
+        memory.begin_chunk(frames)
+        timesteps = torch.full((batch, frames), now * 1000, dtype=torch.float32, device=x.device)
+        flow = teacher(x, timesteps, text, memory, actions)
+        x = (x.float() + (after - now) * flow.float()).to(teacher.dtype)
+    return x.float()
+
+
+class TrainingWindow:
+    """The engine's rolling KV cache (no sinks) for training: the same frames attended at the same RoPE positions,
+    but context kept as per-layer tensors that are concatenated, never written in place, so autograd can go
+    through the frames in flight (a KVCache writes every layer into one buffer, which backward cannot allow)."""
+
+    def __init__(self, layers: int, window_frames: int, tokens_per_frame: int) -> None:
+        self.window_frames, self.tokens_per_frame = window_frames, tokens_per_frame
+        self.keys: list[Tensor | None] = [None] * layers
+        self.values: list[Tensor | None] = [None] * layers
+        self.pending: list[tuple[Tensor, Tensor] | None] = [None] * layers
+        self.committed_frames = 0
+        self._plan: tuple[int, int, bool] | None = None  # first, stop, is a recache
+
+    nbytes = 0
+
+    def begin_chunk(self, num_frames: int) -> None:
+        self._plan = (self.committed_frames, self.committed_frames + num_frames, False)
+
+    def begin_recache(self) -> range:
+        first = max(self.committed_frames - self.window_frames, 0)
+        self._plan = (first, self.committed_frames, True)
+        return range(first, self.committed_frames)
+
+    def rope_positions(self) -> tuple[int, ...]:
+        first, stop, _ = self._plan
+        return tuple(range(first, stop))
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        first, stop, recache = self._plan
+        self.pending[layer] = (k, v)
+        context = 0 if recache or self.keys[layer] is None else (self.window_frames - (stop - first)) * self.tokens_per_frame
+        if context:
+            k = torch.cat([self.keys[layer][:, -context:].to(k.dtype), k], 1)
+            v = torch.cat([self.values[layer][:, -context:].to(v.dtype), v], 1)
+        return attention(q, k, v)
+
+    def commit(self) -> None:
+        first, stop, recache = self._plan
+        keep = self.window_frames * self.tokens_per_frame
+        for layer, (k, v) in enumerate(self.pending):
+            k, v = k.detach(), v.detach()
+            if not recache and self.keys[layer] is not None:
+                k, v = torch.cat([self.keys[layer], k], 1), torch.cat([self.values[layer], v], 1)
+            self.keys[layer], self.values[layer] = k[:, -keep:], v[:, -keep:]
+        if not recache:
+            self.committed_frames = stop
+        self._plan = None
+
+    def reset(self) -> None:
+        self.__init__(len(self.keys), self.window_frames, self.tokens_per_frame)
+
+
+class Rollout:
+    """One model's side of a rollout: its context window and text context; the chunk loop is `rollout_loss`."""
+
+    def __init__(self, dit: CausalWanDiT) -> None:
+        self.dit = dit
+        self.memory = TrainingWindow(dit.config.num_layers, WINDOW_FRAMES, dit.config.tokens_per_frame(16, 16))
+        self.text: TextContext | None = None
+        self.history: list[tuple[Tensor, Tensor]] = []  # (clean latents, actions) of committed chunks
+
+    def set_prompt(self, prompt: Tensor, recache: bool) -> None:
+        with torch.no_grad():
+            self.text = self.dit.encode_text(prompt)
+        if recache and self.memory.committed_frames:
+            frames = self.memory.begin_recache()
+            latents = torch.cat([h[0] for h in self.history], 1)[:, -len(frames):]
+            actions = torch.cat([h[1] for h in self.history], 1)[:, -len(frames):]
+            with torch.no_grad():
+                self.dit(latents, torch.zeros(actions.shape, device=actions.device), self.text, self.memory, actions)
+            self.memory.commit()
+
+    def commit(self, clean: Tensor, actions: Tensor) -> None:
+        """The clean context pass of a finished chunk."""
+        self.memory.begin_chunk(clean.shape[1])
+        with torch.no_grad():
+            self.dit(clean, torch.zeros(actions.shape, device=actions.device), self.text, self.memory, actions)
+        self.memory.commit()
+        self.history = (self.history + [(clean.detach(), actions)])[-(WINDOW_FRAMES // CHUNK_FRAMES):]
+
+
+def pick_rollout_clips(clips: LatentClips, batch: int, chunks: int, rng: np.random.Generator) -> tuple[Tensor, int | None]:
+    """Clip indices that all switch prompt at the same chunk (or never) within the rollout, and that chunk."""
+    frames = chunks * CHUNK_FRAMES
+    tokens = clips.tokens[:, :frames]
+    changes = (tokens[:, 1:] != tokens[:, :-1]).any(-1)  # [N, frames-1]
+    first_change = torch.where(changes.any(1), changes.float().argmax(1) + 1, torch.full((len(clips),), -1))
+    anchor = int(first_change[rng.integers(len(clips))])
+    pool = torch.nonzero(first_change == anchor).flatten().numpy()
+    index = torch.from_numpy(rng.choice(pool, batch, replace=len(pool) < batch))
+    return index, (anchor // CHUNK_FRAMES if anchor > 0 else None)
+
+
+def rollout_loss(
+    student: CausalWanDiT, teacher: CausalWanDiT, text_encoder: WorldTextEncoder, clips: LatentClips,
+    settings: StudentSettings, rng: np.random.Generator, generator: torch.Generator, device: torch.device,
+) -> tuple[float, int]:
+    """One batch of self-rollouts; accumulates gradients chunk by chunk; returns (mean loss, steps used)."""
+    steps_used = list(STUDENT_STEPS)[rng.choice(len(STUDENT_STEPS), p=np.array(settings.step_weights) / sum(settings.step_weights))]
+    schedule: tuple[Step, ...] = FlowMatchSchedule(SHIFT).steps(STUDENT_STEPS[steps_used])
+    index, switch_chunk = pick_rollout_clips(clips, settings.batch, settings.rollout_chunks, rng)
+    tokens, actions = clips.tokens[index].to(device), clips.actions[index].to(device)
+    mine, theirs = Rollout(student), Rollout(teacher)
+    losses = []
+    # bf16 autocast throughout (the context passes included: the engine streams in bf16); losses in float32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bfloat16_autocast)
+    for chunk in range(settings.rollout_chunks):
+        frames = slice(chunk * CHUNK_FRAMES, (chunk + 1) * CHUNK_FRAMES)
+        if chunk == 0 or chunk == switch_chunk:
+            with torch.no_grad():
+                prompt = text_encoder(tokens[:, frames.start])
+            with autocast:
+                mine.set_prompt(prompt, recache=chunk > 0)
+            theirs.set_prompt(prompt, recache=chunk > 0)
+        chunk_actions = actions[:, frames]
+        exit_step = int(rng.integers(len(schedule)))
+        shape = (settings.batch, CHUNK_FRAMES, 16, 16, 16)
+        x = torch.randn(shape, generator=generator).to(device)
+        with torch.no_grad(), autocast:
+            for step in schedule[:exit_step]:
+                mine.memory.begin_chunk(CHUNK_FRAMES)
+                timesteps = torch.full(chunk_actions.shape, step.timestep, device=device)
+                x0 = to_clean(x.float(), student(x, timesteps, mine.text, mine.memory, chunk_actions).float(), step.sigma)
+                x = (1 - step.next_sigma) * x0 + step.next_sigma * torch.randn(shape, generator=generator).to(device)
+        step = schedule[exit_step]
+        with torch.no_grad():
+            target = teacher_target(teacher, x, step.sigma, theirs.text, theirs.memory, chunk_actions, settings.teacher_substeps)
+        mine.memory.begin_chunk(CHUNK_FRAMES)
+        with autocast:
+            timesteps = torch.full(chunk_actions.shape, step.timestep, device=device)
+            flow = student(x, timesteps, mine.text, mine.memory, chunk_actions)
+        x0 = x - step.sigma * flow.float()
+        loss = ((x0 - target) ** 2).mean()
+        (loss / settings.rollout_chunks).backward()
+        losses.append(float(loss.detach()))
+        clean = x0.detach()
+        with autocast:
+            mine.commit(clean, chunk_actions)
+        theirs.commit(clean.to(teacher.dtype), chunk_actions)
+    return float(np.mean(losses)), steps_used
+
+
+def train_student(
+    out: Path, settings: StudentSettings = StudentSettings(), max_minutes: float | None = None, seed: int = 0,
+    device: str = "cpu",
+) -> dict:
+    """Distil `out/teacher.safetensors` (resuming from `out` when a state is there); writes `out/student.safetensors`
+    (EMA, bfloat16) at every checkpoint and at the end; returns the history."""
+    clips = LatentClips.load(out / CLIPS_FILE)
+    device_ = torch.device(device)
+    teacher = load_dit(out / "teacher.safetensors", dtype=torch.bfloat16, device=device_).eval().requires_grad_(False)
+    text_encoder = load_text_encoder(out / "text_encoder.safetensors").to(device_).requires_grad_(False)
+    student = load_dit(out / "teacher.safetensors", dtype=torch.float32, device=device_).train()
+    ema = copy.deepcopy(student).requires_grad_(False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=settings.learning_rate, weight_decay=0.0, betas=(0.9, 0.99))
+    history: dict = {"step": [], "loss": [], "steps_used": [], "seconds": [], "settings": asdict(settings)}
+    step, elapsed = 0, 0.0
+    rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    state_path = out / STATE_FILE
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        student.load_state_dict(state["student"]), ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed, history = state["step"], state["elapsed"], state["history"]
+        generator.set_state(state["generator"])
+        rng.bit_generator.state = state["rng"]
+
+    def checkpoint() -> None:
+        partial = out / (STATE_FILE + ".partial")
+        torch.save({
+            "student": student.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "step": step, "elapsed": elapsed, "history": history, "generator": generator.get_state(),
+            "rng": rng.bit_generator.state,
+        }, partial)
+        partial.replace(state_path)
+        save_dit(copy.deepcopy(ema).to(torch.bfloat16), out / "student.safetensors")
+
+    started = time.perf_counter() - elapsed
+    last_checkpoint = time.perf_counter()
+    total = settings.steps
+    bar = tqdm(total=total, initial=step, desc="student", unit="rollout")
+    while step < total:
+        if max_minutes is not None and (time.perf_counter() - started) / 60 >= max_minutes:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss, steps_used = rollout_loss(student, teacher, text_encoder, clips, settings, rng, generator, device_)
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        update_ema(ema, student, settings.ema_decay)
+        step += 1
+        elapsed = time.perf_counter() - started
+        history["step"].append(step), history["loss"].append(loss), history["steps_used"].append(steps_used)
+        history["seconds"].append(elapsed)
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(history['loss'][-20:]):.4f}", min=f"{elapsed / 60:.1f}")
+        if time.perf_counter() - last_checkpoint > settings.checkpoint_every_s:
+            checkpoint()
+            last_checkpoint = time.perf_counter()
+    bar.close()
+    checkpoint()
+    return history
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="the teacher's run folder (teacher + clips)")
+    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--steps", type=int, default=StudentSettings.steps)
+    p.add_argument("--batch", type=int, default=StudentSettings.batch)
+    p.add_argument("--lr", type=float, default=StudentSettings.learning_rate)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = StudentSettings(steps=args.steps, batch=args.batch, learning_rate=args.lr)
+    train_student(args.out, settings, args.max_minutes, device=args.device)
+
+
+if __name__ == "__main__":
+    main()
