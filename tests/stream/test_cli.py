@@ -11,7 +11,7 @@ from framecast.stream.cli import main
 
 def test_generate_writes_the_requested_frames_and_latents(tmp_path, capsys) -> None:
     video, latents = tmp_path / "out.mp4", tmp_path / "latents.safetensors"
-    code = main(["generate", "--frames", "20", "--height", "64", "--width", "96", "-o", str(video),
+    code = main(["generate", "--preset", "tiny", "--frames", "20", "--height", "64", "--width", "96", "-o", str(video),
                  "--latents-out", str(latents), "--steps", "1000,500", "--dtype", "float32"])
     assert code == 0
     with av.open(str(video)) as container:
@@ -26,7 +26,9 @@ def test_different_prompts_give_different_videos(tmp_path) -> None:
     outputs = []
     for prompt in ("a red fox", "a blue whale"):
         path = tmp_path / f"{prompt}.safetensors"
-        assert main(["generate", "--prompt", prompt, "--frames", "1", "--latents-out", str(path), "--dtype", "float32"]) == 0
+        argv = ["generate", "--preset", "tiny", "--prompt", prompt, "--frames", "1", "--latents-out", str(path),
+                "--dtype", "float32"]
+        assert main(argv) == 0
         outputs.append(load_file(path)["latents"])
     assert not (outputs[0] == outputs[1]).all()
 
@@ -35,10 +37,10 @@ def test_different_prompts_give_different_videos(tmp_path) -> None:
     "argv, message",
     [
         (["--preset", "huge"], "unknown preset 'huge'"),
-        (["--dtype", "float16", "--device", "cpu"], "float16 on the CPU"),
-        (["--height", "100"], "multiples of 16"),
-        (["--window-frames", "2"], "sink_frames=3 must be in"),
-        (["--prompt", "!!!"], "has no words"),
+        (["--preset", "tiny", "--dtype", "float16", "--device", "cpu"], "float16 on the CPU"),
+        (["--preset", "tiny", "--height", "100"], "multiples of 16"),
+        (["--preset", "tiny", "--window-frames", "2"], "sink_frames=3 must be in"),
+        (["--preset", "tiny", "--prompt", "!!!"], "has no words"),
     ],
 )
 def test_bad_arguments_give_one_clear_error(tmp_path, capsys, argv: list, message: str) -> None:
@@ -74,8 +76,8 @@ def test_generate_decodes_with_taehv(tmp_path) -> None:
     weights = tmp_path / "taehv.pth"
     torch.save(TAEHV(taehv_preset("tiny")).state_dict(), weights)
     video = tmp_path / "out.mp4"
-    argv = ["generate", "--frames", "9", "--height", "32", "--width", "48", "-o", str(video), "--dtype", "float32",
-            "--decoder", "taehv", "--decoder-weights", str(weights)]
+    argv = ["generate", "--preset", "tiny", "--frames", "9", "--height", "32", "--width", "48", "-o", str(video),
+            "--dtype", "float32", "--decoder", "taehv", "--decoder-weights", str(weights)]
     assert main(argv) == 0
     with av.open(str(video)) as container:
         frames = list(container.decode(video=0))
@@ -83,7 +85,7 @@ def test_generate_decodes_with_taehv(tmp_path) -> None:
 
 
 def test_real_decoder_needs_weights(tmp_path, capsys) -> None:
-    assert main(["generate", "-o", str(tmp_path / "x.mp4"), "--decoder", "taehv"]) == 2
+    assert main(["generate", "--preset", "tiny", "-o", str(tmp_path / "x.mp4"), "--decoder", "taehv"]) == 2
     assert "needs --decoder-weights" in capsys.readouterr().err
 
 
@@ -98,7 +100,8 @@ def test_family_errors_name_what_is_missing(tmp_path, capsys) -> None:
 
 
 def test_video_input_needs_the_wan_vae(tmp_path, capsys) -> None:
-    assert main(["generate", "--input", str(tmp_path / "in.mp4"), "-o", str(tmp_path / "x.mp4")]) == 2
+    argv = ["generate", "--preset", "tiny", "--input", str(tmp_path / "in.mp4"), "-o", str(tmp_path / "x.mp4")]
+    assert main(argv) == 2
     assert "--input needs --decoder wan-vae" in capsys.readouterr().err
 
 
@@ -107,7 +110,8 @@ def test_serve_command_serves_the_page_and_metrics_on_loopback() -> None:
 
     from tests.serving import framecast_serve
 
-    with framecast_serve("--height", "32", "--width", "32", "--dtype", "float32", token="t0k") as served:
+    args = ("--preset", "tiny", "--height", "32", "--width", "32", "--dtype", "float32")
+    with framecast_serve(*args, token="t0k") as served:
         with urllib.request.urlopen(f"http://127.0.0.1:{served.port}/metrics", timeout=2) as response:
             assert "framecast_" in response.read().decode()
         with urllib.request.urlopen(f"http://127.0.0.1:{served.port}/", timeout=2) as response:
@@ -121,14 +125,14 @@ NO_VIDEO_DEVICE = platform.system() == "Linux" and not glob.glob("/dev/video*")
 @pytest.mark.skipif(not NO_VIDEO_DEVICE, reason="needs Linux without /dev/video* (no v4l2loopback device loaded)")
 @pytest.mark.parametrize("command", [["vcam"], ["serve", "--vcam"]])
 def test_without_a_virtual_camera_driver_vcam_says_how_to_load_one(capsys, command: list) -> None:
-    assert main([*command, "--backend", "v4l2loopback", "--dtype", "float32"]) == 2
+    assert main([*command, "--preset", "tiny", "--backend", "v4l2loopback", "--dtype", "float32"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("framecast: error: could not open any virtual camera device ('v4l2loopback' backend: No")
     assert "sudo modprobe v4l2loopback devices=1 exclusive_caps=1" in error
 
 
 def test_camera_flags_without_vcam_are_refused(capsys) -> None:
-    assert main(["serve", "--camera-device", "/dev/video3"]) == 2
+    assert main(["serve", "--preset", "tiny", "--camera-device", "/dev/video3"]) == 2
     assert "--camera-device and --backend choose the virtual camera: add --vcam" in capsys.readouterr().err
 
 
@@ -140,8 +144,9 @@ def test_vcam_streams_the_model_to_the_camera(capsys) -> None:
     pyvirtualcam.register_backend("framecast-cli-recording", RecordingCamera)
     RecordingCamera.opened.clear()
     try:
-        argv = ["vcam", "--backend", "framecast-cli-recording", "--camera-device", "studio", "--seconds", "1.5",
-                "--height", "32", "--width", "48", "--output-scale", "2", "--dtype", "float32", "--fps", "8"]
+        argv = ["vcam", "--preset", "tiny", "--backend", "framecast-cli-recording", "--camera-device", "studio",
+                "--seconds", "1.5", "--height", "32", "--width", "48", "--output-scale", "2", "--dtype", "float32",
+                "--fps", "8"]
         assert main(argv) == 0
     finally:
         pyvirtualcam.camera.BACKENDS.pop("framecast-cli-recording")
@@ -183,7 +188,8 @@ def test_the_simulator_refuses_prompts_outside_its_vocabulary(capsys) -> None:
 def test_generate_over_two_stage_processes_writes_exactly_the_one_process_latents(tmp_path) -> None:
     from safetensors.torch import load_file
 
-    common = ["generate", "--frames", "17", "--height", "32", "--width", "32", "--dtype", "float32", "--seed", "3"]
+    common = ["generate", "--preset", "tiny", "--frames", "17", "--height", "32", "--width", "32", "--dtype", "float32",
+              "--seed", "3"]
     assert main([*common, "--latents-out", str(tmp_path / "one.safetensors")]) == 0
     assert main([*common, "--stages", "2", "--latents-out", str(tmp_path / "two.safetensors")]) == 0
     one, two = (load_file(str(tmp_path / f"{name}.safetensors"))["latents"] for name in ("one", "two"))
@@ -191,11 +197,12 @@ def test_generate_over_two_stage_processes_writes_exactly_the_one_process_latent
 
 
 def test_generate_stages_refuses_what_it_cannot_split(tmp_path, capsys) -> None:
-    assert main(["generate", "--stages", "0", "-o", str(tmp_path / "x.mp4")]) == 2
+    assert main(["generate", "--preset", "tiny", "--stages", "0", "-o", str(tmp_path / "x.mp4")]) == 2
     assert "--stages=0 must be >= 1" in capsys.readouterr().err
     assert main(["vcam", "--stages", "2", "--simulator", "--backend", "v4l2loopback"]) == 2
     assert "--stages does not take --family, --input or --simulator" in capsys.readouterr().err
-    assert main(["bench", "--stages", "2", "--device", "meta"]) == 2  # refused before any model is built
+    # refused before any model is built
+    assert main(["bench", "--preset", "tiny", "--stages", "2", "--device", "meta"]) == 2
     assert "--stages runs stage processes on the CPU" in capsys.readouterr().err
 
 
@@ -207,8 +214,8 @@ def test_vcam_streams_a_model_split_over_two_stage_processes(capsys) -> None:
     pyvirtualcam.register_backend("framecast-cli-stages", RecordingCamera)
     RecordingCamera.opened.clear()
     try:
-        argv = ["vcam", "--stages", "2", "--backend", "framecast-cli-stages", "--seconds", "2.0", "--height", "32",
-                "--width", "32", "--dtype", "float32", "--fps", "16", "--latency-budget", "0.5"]
+        argv = ["vcam", "--preset", "tiny", "--stages", "2", "--backend", "framecast-cli-stages", "--seconds", "2.0",
+                "--height", "32", "--width", "32", "--dtype", "float32", "--fps", "16", "--latency-budget", "0.5"]
         assert main(argv) == 0
     finally:
         pyvirtualcam.camera.BACKENDS.pop("framecast-cli-stages")
@@ -219,8 +226,8 @@ def test_vcam_streams_a_model_split_over_two_stage_processes(capsys) -> None:
 def test_bench_runs_a_two_stage_pipeline_under_the_deadline_scheduler(tmp_path) -> None:
     import json
 
-    argv = ["bench", "--stages", "2", "--seconds", "1.5", "--dtype", "float32", "--height", "32", "--width", "32",
-            "--json", str(tmp_path / "bench.json")]
+    argv = ["bench", "--preset", "tiny", "--stages", "2", "--seconds", "1.5", "--dtype", "float32", "--height", "32",
+            "--width", "32", "--json", str(tmp_path / "bench.json")]
     assert main(argv) == 0
     summary = json.loads((tmp_path / "bench.json").read_text())
     assert summary["frames_at_sink"] >= 30 and summary["deadline"]["frames"] >= 30

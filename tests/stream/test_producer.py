@@ -90,8 +90,8 @@ def test_bench_command_prints_metrics(capsys, tmp_path) -> None:
     from framecast.stream.cli import main
 
     out = tmp_path / "m.json"
-    code = main(["bench", "--seconds", "1.5", "--fps", "16", "--height", "32", "--width", "32", "--dtype", "float32",
-                 "--json", str(out), "--latency-budget", "1.0"])
+    code = main(["bench", "--preset", "tiny", "--seconds", "1.5", "--fps", "16", "--height", "32", "--width", "32",
+                 "--dtype", "float32", "--json", str(out), "--latency-budget", "1.0"])
     assert code == 0
     text = capsys.readouterr().out
     assert "time to first frame" in text and "deadline misses" in text
@@ -102,5 +102,5 @@ def test_bench_command_prints_metrics(capsys, tmp_path) -> None:
 def test_bench_rejects_bad_arguments(capsys, argv, message) -> None:
     from framecast.stream.cli import main
 
-    assert main(["bench", *argv]) == 2
+    assert main(["bench", "--preset", "tiny", *argv]) == 2
     assert message in capsys.readouterr().err
