@@ -73,6 +73,7 @@ def add_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.set_defaults(run=run_generate)
 
 
@@ -281,6 +282,11 @@ def check_stages(args: argparse.Namespace) -> None:
 def run_generate(args: argparse.Namespace) -> None:
     if args.frames < 1:
         raise ConfigError(f"--frames={args.frames} must be >= 1")
+    if DTYPES[args.dtype] == torch.float16 and torch.device(args.device).type == "cpu":
+        raise ConfigError("--dtype float16 on the CPU is ~50x slower than bfloat16; use bfloat16 or float32")
+    check_stages(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if uses_world_model(args):
         return run_generate_world(args)
     if args.switch or args.actions != "random" or args.world_weights or args.world_dit != "student":

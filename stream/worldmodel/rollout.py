@@ -127,13 +127,13 @@ def command_line_script(
     """The script of `framecast generate`: a first prompt, prompt switches at frames (moved to the chunk boundary
     at or before them, where a switch takes effect), keys per `parse_actions`. A switch names only the slots it
     changes ("at night"); the rest stay."""
-    frames = -(-frames // CHUNK_FRAMES) * CHUNK_FRAMES
     current = parse_prompt(prompt)
     at: dict[int, str] = {}
     for frame, text in switches:
         if not 0 <= frame < frames:
-            raise ConfigError(f"--switch at frame {frame} is outside the video's {frames} frames")
+            raise ConfigError(f"--switch at frame {frame} is outside the video's {frames} frames (0..{frames - 1})")
         at[frame - frame % CHUNK_FRAMES] = text
+    frames = -(-frames // CHUNK_FRAMES) * CHUNK_FRAMES  # whole chunks; the video keeps the frames asked for
     settings = []
     for t in range(frames):
         if t in at:

@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+import torch
+
+from framecast.models.config import DiTConfig
+from framecast.models.dit import CausalWanDiT
+from framecast.models.memory import KVCache
+from framecast.models.world.latent_clips import LatentClips
+from framecast.models.world.text_encoder import TextEncoderConfig, WorldTextEncoder
+from framecast.stream.worldmodel.student import (
+    StudentSettings, TrainingWindow, pick_rollout_clips, rollout_loss, teacher_target,
+)
+from framecast.models.errors import ConfigError
+
+TINY = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=64, text_len=8, num_actions=5)
+
+
+def tiny_dit(seed: int, dtype=torch.float64) -> CausalWanDiT:
+    torch.manual_seed(seed)
+    dit = CausalWanDiT(TINY)
+    torch.nn.init.normal_(dit.action_embedding.weight, std=0.1)
+    return dit.to(dtype).eval().requires_grad_(False)
+
+
+def step(dit, memory, latents, timestep, text, actions):
+    memory.begin_chunk(latents.shape[1])
+    out = dit(latents, torch.full(actions.shape, float(timestep)), text, memory, actions)
+    return out
+
+
+def test_training_window_attends_like_the_engines_rolling_cache_through_rolls_and_a_recache():
+    dit = tiny_dit(0)
+    texts = [dit.encode_text(torch.randn(1, 5, 64, dtype=torch.float64)) for _ in range(2)]
+    cache = KVCache(TINY, batch=1, tokens_per_frame=16, window_frames=12, sink_frames=0, evicts=True,
+                    dtype=torch.float64)
+    window = TrainingWindow(TINY.num_layers, 12, 16)
+    history = []
+    text = texts[0]
+    for chunk in range(8):  # 24 frames: the 12-frame window rolls three times
+        if chunk == 5:  # a prompt switch: both re-encode the frames they hold under the new prompt
+            text = texts[1]
+            for memory in (cache, window):
+                frames = memory.begin_recache()
+                latents = torch.cat([h[0] for h in history], 1)[:, frames.start:frames.stop]
+                actions = torch.cat([h[1] for h in history], 1)[:, frames.start:frames.stop]
+                dit(latents, torch.zeros(actions.shape), text, memory, actions)
+                memory.commit()
+        noisy = torch.randn(1, 3, 16, 8, 8, dtype=torch.float64)
+        actions = torch.randint(0, 5, (1, 3))
+        flows = [step(dit, memory, noisy, 700, text, actions) for memory in (cache, window)]
+        torch.testing.assert_close(flows[0], flows[1], rtol=0, atol=1e-10)
+        clean = torch.randn(1, 3, 16, 8, 8, dtype=torch.float64)
+        for memory in (cache, window):
+            step(dit, memory, clean, 0, text, actions)
+            memory.commit()
+        history.append((clean, actions))
+    assert window.committed_frames == cache.committed_frames == 24
+
+
+def test_teacher_target_is_the_euler_ode_of_the_teachers_flow():
+    dit = tiny_dit(1)
+    text = dit.encode_text(torch.randn(1, 5, 64, dtype=torch.float64))
+    x = torch.randn(1, 3, 16, 8, 8, dtype=torch.float64)
+    actions = torch.zeros(1, 3, dtype=torch.long)
+    one = teacher_target(dit, x, 1.0, text, TrainingWindow(2, 12, 16), actions, substeps=1)
+    flow = step(dit, TrainingWindow(2, 12, 16), x, 1000, text, actions)
+    torch.testing.assert_close(one, (x - flow).float(), rtol=0, atol=1e-6)  # one Euler step from sigma 1 lands on x0
+    many = teacher_target(dit, x, 0.5, text, TrainingWindow(2, 12, 16), actions, substeps=8)
+    assert many.shape == x.shape and torch.isfinite(many).all()
+
+
+def clips_with_switches(count: int = 12, frames: int = 24) -> LatentClips:
+    tokens = torch.zeros(count, frames, 5, dtype=torch.long)
+    tokens[::2, 12:, 0] = 1  # every other clip switches at frame 12
+    return LatentClips(torch.randn(count, frames, 16, 16, 16).bfloat16(), torch.randint(0, 5, (count, frames)),
+                       tokens, torch.arange(count))
+
+
+def test_rollout_clips_share_their_switch_chunk():
+    clips = clips_with_switches()
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(20):
+        index, switch = pick_rollout_clips(clips, 3, 8, rng)
+        assert switch in (None, 4)
+        assert all((int(i) % 2 == 0) == (switch == 4) for i in index)
+        seen.add(switch)
+    assert seen == {None, 4}
+
+
+def test_a_self_rollout_gives_a_finite_loss_and_gradients_on_every_layer():
+    world_tiny = TINY
+    teacher = tiny_dit(2, torch.float32)
+    student = CausalWanDiT(world_tiny).train()
+    student.load_state_dict(teacher.state_dict())
+    text_encoder = WorldTextEncoder(TextEncoderConfig(width=64)).requires_grad_(False)
+    clips = clips_with_switches()
+    # a 16x16 latent as the world model's; 2 chunks, one rollout
+    settings = StudentSettings(batch=2, rollout_chunks=3, teacher_substeps=2)
+    loss, steps = rollout_loss(student, teacher, text_encoder, clips, settings, np.random.default_rng(0),
+                               torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert np.isfinite(loss) and loss > 0 and steps in (1, 2, 4)
+    for block in student.blocks:
+        assert block.self_attn.q.weight.grad is not None and block.self_attn.q.weight.grad.abs().sum() > 0
+
+
+def test_student_settings_refuse_bad_values():
+    with pytest.raises(ConfigError, match="batch"):
+        StudentSettings(batch=0)
+    with pytest.raises(ConfigError, match="step_weights"):
+        StudentSettings(step_weights=(0.0, 0.0, 0.0))
