@@ -31,6 +31,7 @@ class LatentClips:
     actions: Tensor  # int64 [N, T]
     tokens: Tensor  # int64 [N, T, 5]: the prompt shown in each frame
     seeds: Tensor  # int64 [N]: the episode seed of each clip
+    agent_xy: Tensor | None = None  # float32 [N, T, 2]: the agent's (x, y) px in each frame (loss weighting)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -40,12 +41,13 @@ class LatentClips:
         return self.latents.shape[1]
 
     def save(self, path: str | Path) -> None:
-        torch.save({"latents": self.latents, "actions": self.actions, "tokens": self.tokens, "seeds": self.seeds}, path)
+        torch.save({"latents": self.latents, "actions": self.actions, "tokens": self.tokens, "seeds": self.seeds,
+                    "agent_xy": self.agent_xy}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> LatentClips:
         data = torch.load(path, weights_only=True)
-        return cls(data["latents"], data["actions"], data["tokens"], data["seeds"])
+        return cls(data["latents"], data["actions"], data["tokens"], data["seeds"], data.get("agent_xy"))
 
 
 def switch_frame(seed: int, frames: int, chunk_frames: int) -> int | None:
@@ -65,7 +67,7 @@ def make_latent_clips(
     """`count` clips from episodes with seeds seed_base..seed_base+count-1 (deterministic)."""
     if frames % chunk_frames or frames < 2 * chunk_frames:
         raise ConfigError(f"frames={frames} must be a multiple of chunk_frames={chunk_frames}, at least two chunks")
-    latents, actions, tokens = [], [], []
+    latents, actions, tokens, agent_xy = [], [], [], []
     seeds = list(range(seed_base, seed_base + count))
     for start in tqdm(range(0, count, batch), desc="encoding clips", unit="batch", disable=not progress):
         episodes = []
@@ -77,4 +79,15 @@ def make_latent_clips(
         latents.append(autoencoder.encode(video).to(torch.bfloat16))
         actions.append(torch.from_numpy(np.stack([e.actions for e in episodes])))
         tokens.append(torch.tensor([[settings_tokens(s) for s in e.settings] for e in episodes], dtype=torch.long))
-    return LatentClips(torch.cat(latents), torch.cat(actions), torch.cat(tokens), torch.tensor(seeds))
+        agent_xy.append(torch.from_numpy(np.stack([e.agent_xy for e in episodes])).float())
+    return LatentClips(torch.cat(latents), torch.cat(actions), torch.cat(tokens), torch.tensor(seeds),
+                       torch.cat(agent_xy))
+
+
+def agent_positions(seeds: Tensor, frames: int, chunk_frames: int) -> Tensor:
+    """The agent's (x, y) px in every frame of the clips with these seeds, by replaying their episodes (rendering
+    only, no encoding: ~0.1 ms a frame), float32 [N, T, 2]."""
+    return torch.stack([
+        torch.from_numpy(make_episode(int(seed), frames, switch_every=switch_frame(int(seed), frames, chunk_frames)).agent_xy)
+        for seed in seeds
+    ]).float()

@@ -32,11 +32,15 @@ from framecast.models.dit import CausalWanDiT, TextContext
 from framecast.models.errors import ConfigError
 from framecast.models.loading import load_dit, save_dit
 from framecast.kernels.attention import attention
+from framecast.models.world.autoencoder import WorldAutoencoder, load_autoencoder, tensor_to_frames
+from framecast.models.world.ground_truth import read_agent
 from framecast.models.world.latent_clips import LatentClips
 from framecast.models.world.text_encoder import WorldTextEncoder, load_text_encoder
 from framecast.stream.sampler import FlowMatchSchedule, Step, to_clean
-from framecast.stream.worldmodel.recipe import CHUNK_FRAMES, SHIFT, STUDENT_STEPS, WINDOW_FRAMES
-from framecast.stream.worldmodel.teacher import CLIPS_FILE, shifted_sigmas, update_ema
+from framecast.stream.worldmodel.recipe import (
+    AUTOENCODER_FILE, CHUNK_FRAMES, SHIFT, STUDENT_STEPS, WEIGHTS_DIR, WINDOW_FRAMES,
+)
+from framecast.stream.worldmodel.teacher import CLIPS_FILE, agent_weights, shifted_sigmas, update_ema
 
 STATE_FILE = "student_state.pt"
 
@@ -49,6 +53,7 @@ class StudentSettings:
     learning_rate: float = 1e-4
     teacher_substeps: int = 8  # Euler steps of the teacher's ODE from the exit step's sigma to 0
     step_weights: tuple[float, float, float] = (0.25, 0.25, 0.5)  # how often rollouts use 1, 2, 4 steps
+    agent_weight: float = 10.0  # extra loss weight under the agent, found in the decoded target (as the teacher's)
     ema_decay: float = 0.99
     checkpoint_every_s: float = 180.0
     bfloat16_autocast: bool = True
@@ -172,9 +177,29 @@ def pick_rollout_clips(clips: LatentClips, batch: int, chunks: int, rng: np.rand
     return index, (anchor // CHUNK_FRAMES if anchor > 0 else None)
 
 
+class AgentLocator:
+    """Where the agent is in clean latents: decoded (one chunk, no carried state) and read by the exact pixel
+    reader; frames where no agent is read get no extra weight. ~10 ms a chunk, next to ~1 s of teacher ODE."""
+
+    def __init__(self, autoencoder: WorldAutoencoder) -> None:
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, latents: Tensor) -> Tensor:
+        frames = tensor_to_frames(self.autoencoder.decode(latents.float().cpu())[0]).numpy()  # [B, F, H, W, 3]
+        xy = torch.full((*frames.shape[:2], 2), float("nan"))
+        for b, clip in enumerate(frames):
+            for f, frame in enumerate(clip):
+                reading = read_agent(frame)
+                if reading is not None:
+                    xy[b, f] = torch.tensor(reading.xy)
+        return xy
+
+
 def rollout_loss(
     student: CausalWanDiT, teacher: CausalWanDiT, text_encoder: WorldTextEncoder, clips: LatentClips,
     settings: StudentSettings, rng: np.random.Generator, generator: torch.Generator, device: torch.device,
+    locate_agent: AgentLocator | None = None,
 ) -> tuple[float, int]:
     """One batch of self-rollouts; accumulates gradients chunk by chunk; returns (mean loss, steps used)."""
     steps_used = list(STUDENT_STEPS)[rng.choice(len(STUDENT_STEPS), p=np.array(settings.step_weights) / sum(settings.step_weights))]
@@ -211,7 +236,12 @@ def rollout_loss(
             timesteps = torch.full(chunk_actions.shape, step.timestep, device=device)
             flow = student(x, timesteps, mine.text, mine.memory, chunk_actions)
         x0 = x - step.sigma * flow.float()
-        loss = ((x0 - target) ** 2).mean()
+        error = ((x0 - target) ** 2).mean(dim=2)  # [B, F, h, w]
+        if locate_agent is not None and settings.agent_weight:
+            xy = locate_agent(target)
+            weights = agent_weights(torch.nan_to_num(xy, nan=-1e6).to(device), target.shape[-1], settings.agent_weight)
+            error = error * weights  # no agent read (NaN -> far away): weight 1 everywhere
+        loss = error.mean()
         (loss / settings.rollout_chunks).backward()
         losses.append(float(loss.detach()))
         clean = x0.detach()
@@ -223,7 +253,7 @@ def rollout_loss(
 
 def train_student(
     out: Path, settings: StudentSettings = StudentSettings(), max_minutes: float | None = None, seed: int = 0,
-    device: str = "cpu",
+    device: str = "cpu", autoencoder_path: Path = WEIGHTS_DIR / AUTOENCODER_FILE,
 ) -> dict:
     """Distil `out/teacher.safetensors` (resuming from `out` when a state is there); writes `out/student.safetensors`
     (EMA, bfloat16) at every checkpoint and at the end; returns the history."""
@@ -231,6 +261,7 @@ def train_student(
     device_ = torch.device(device)
     teacher = load_dit(out / "teacher.safetensors", dtype=torch.bfloat16, device=device_).eval().requires_grad_(False)
     text_encoder = load_text_encoder(out / "text_encoder.safetensors").to(device_).requires_grad_(False)
+    locate_agent = AgentLocator(load_autoencoder(autoencoder_path))
     student = load_dit(out / "teacher.safetensors", dtype=torch.float32, device=device_).train()
     ema = copy.deepcopy(student).requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=settings.learning_rate, weight_decay=0.0, betas=(0.9, 0.99))
@@ -264,7 +295,8 @@ def train_student(
         if max_minutes is not None and (time.perf_counter() - started) / 60 >= max_minutes:
             break
         optimizer.zero_grad(set_to_none=True)
-        loss, steps_used = rollout_loss(student, teacher, text_encoder, clips, settings, rng, generator, device_)
+        loss, steps_used = rollout_loss(student, teacher, text_encoder, clips, settings, rng, generator, device_,
+                                        locate_agent)
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         update_ema(ema, student, settings.ema_decay)

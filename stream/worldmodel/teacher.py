@@ -32,7 +32,7 @@ from framecast.models.errors import ConfigError
 from framecast.models.loading import save_dit
 from framecast.models.memory import BlockCausal
 from framecast.models.world.autoencoder import load_autoencoder
-from framecast.models.world.latent_clips import LatentClips, make_latent_clips
+from framecast.models.world.latent_clips import LatentClips, agent_positions, make_latent_clips
 from framecast.models.world.text_encoder import TextEncoderConfig, WorldTextEncoder, save_text_encoder
 from framecast.stream.worldmodel.recipe import AUTOENCODER_FILE, CHUNK_FRAMES, SHIFT, WEIGHTS_DIR, WINDOW_FRAMES, WORLD_DIT
 
@@ -49,6 +49,7 @@ class TeacherSettings:
     final_lr_share: float = 0.05  # cosine decay to this share of the learning rate
     weight_decay: float = 0.01
     clean_chunk_share: float = 0.2  # chunks kept clean (context only) besides the pre-switch ones
+    agent_weight: float = 10.0  # extra loss weight on the latent pixels under the agent (see `agent_weights`)
     ema_decay: float = 0.998
     clip_frames: int = 24
     clips: int = 3000
@@ -79,11 +80,26 @@ def learning_rate(settings: TeacherSettings, step: int, total: int) -> float:
     return settings.learning_rate * share
 
 
+def agent_weights(agent_xy: Tensor, latent_size: int, extra: float, scale: int = 8, reach_px: float = 13.0) -> Tensor:
+    """Per-latent-pixel loss weights [B, T, s, s]: 1, plus `extra` on latent pixels whose 8x8 footprint reaches
+    within `reach_px` of the agent's centre (the sprite's 9 px radius and a margin: ~3x3 latent pixels).
+
+    The agent is < 2% of a frame, but it is what the prompt's shape and colour and every action are read from;
+    with an even loss the model learned the ground long before it drew an agent. The weighting moves gradient,
+    not the optimum: at every pixel the weighted loss is still minimised by the same prediction."""
+    centres = torch.arange(latent_size, dtype=torch.float32, device=agent_xy.device) * scale + (scale - 1) / 2
+    near_x = (centres[None, None, :] - agent_xy[..., :1]).abs() <= reach_px  # [B, T, s]
+    near_y = (centres[None, None, :] - agent_xy[..., 1:]).abs() <= reach_px
+    return 1 + extra * (near_y[..., :, None] & near_x[..., None, :]).float()
+
+
 class FlowMatchingLoss:
     """Chunk-level diffusion-forcing flow-matching loss of a DiT + text encoder on a batch of latent clips."""
 
-    def __init__(self, frames: int, tokens_per_frame: int, clean_chunk_share: float, device: torch.device) -> None:
+    def __init__(self, frames: int, tokens_per_frame: int, clean_chunk_share: float, device: torch.device,
+                 agent_weight: float = 0.0) -> None:
         self.frames, self.clean_chunk_share, self.device = frames, clean_chunk_share, device
+        self.agent_weight = agent_weight
         self.memory = BlockCausal(
             WORLD_DIT, num_frames=frames, chunk_frames=CHUNK_FRAMES, tokens_per_frame=tokens_per_frame,
             window_frames=WINDOW_FRAMES, sink_frames=0, device=device,
@@ -98,7 +114,7 @@ class FlowMatchingLoss:
 
     def __call__(
         self, dit: CausalWanDiT, text_encoder: WorldTextEncoder, latents: Tensor, actions: Tensor, tokens: Tensor,
-        generator: torch.Generator,
+        generator: torch.Generator, agent_xy: Tensor | None = None,
     ) -> Tensor:
         latents = latents.to(self.device, torch.float32)
         batch = latents.shape[0]
@@ -111,7 +127,10 @@ class FlowMatchingLoss:
         noisy = (1 - s) * latents + s * noise
         text = dit.encode_text(text_encoder(prompt.to(self.device)))
         flow = dit(noisy, sigma * 1000, text, self.memory, actions.to(self.device)).float()
-        per_frame = ((flow - (noise - latents)) ** 2).mean(dim=(2, 3, 4))
+        error = ((flow - (noise - latents)) ** 2).mean(dim=2)  # [B, T, h, w]
+        if self.agent_weight and agent_xy is not None:
+            error = error * agent_weights(agent_xy.to(self.device), latents.shape[-1], self.agent_weight)
+        per_frame = error.mean(dim=(2, 3))
         weight = ((sigma > 0) & under_prompt).float()
         return (per_frame * weight).sum() / weight.sum().clamp(min=1)
 
@@ -127,6 +146,9 @@ def load_or_make_clips(out: Path, settings: TeacherSettings, autoencoder_path: P
     if path.exists():
         clips = LatentClips.load(path)
         if len(clips) == settings.clips and clips.frames == settings.clip_frames:
+            if clips.agent_xy is None:  # clips saved before agent positions were kept: replay the episodes
+                clips.agent_xy = agent_positions(clips.seeds, clips.frames, CHUNK_FRAMES)
+                clips.save(path)
             return clips
     clips = make_latent_clips(load_autoencoder(autoencoder_path), settings.clips, settings.clip_frames, CHUNK_FRAMES)
     clips.save(path)
@@ -166,7 +188,8 @@ def train_teacher(
     total = settings.steps
     if max_minutes is not None:
         total = min(total, history.get("planned_steps", total))
-    loss_fn = FlowMatchingLoss(settings.clip_frames, WORLD_DIT.tokens_per_frame(16, 16), settings.clean_chunk_share, device_)
+    loss_fn = FlowMatchingLoss(settings.clip_frames, WORLD_DIT.tokens_per_frame(16, 16), settings.clean_chunk_share, device_,
+                               settings.agent_weight)
 
     def checkpoint() -> None:
         torch.save({
@@ -195,7 +218,8 @@ def train_teacher(
             group["lr"] = learning_rate(settings, step, total)
         index = torch.from_numpy(rng.choice(len(clips), settings.batch, replace=False))
         with torch.autocast(device_.type, dtype=torch.bfloat16, enabled=settings.bfloat16_autocast):
-            loss = loss_fn(dit, text_encoder, clips.latents[index], clips.actions[index], clips.tokens[index], generator)
+            loss = loss_fn(dit, text_encoder, clips.latents[index], clips.actions[index], clips.tokens[index], generator,
+                           clips.agent_xy[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)

@@ -95,7 +95,7 @@ def train_world(out: Path, settings: TrainWorldSettings = TrainWorldSettings(), 
         progress.mark("teacher", time.perf_counter() - started)
     if not progress.done("student"):
         started = time.perf_counter()
-        train_student(out, StudentSettings(), settings.student_minutes, device=device)
+        train_student(out, StudentSettings(), settings.student_minutes, device=device, autoencoder_path=autoencoder)
         progress.mark("student", time.perf_counter() - started)
     for source, name in (("teacher.safetensors", TEACHER_FILE), ("student.safetensors", STUDENT_FILE),
                          ("text_encoder.safetensors", TEXT_ENCODER_FILE)):

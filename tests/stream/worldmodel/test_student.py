@@ -109,3 +109,20 @@ def test_student_settings_refuse_bad_values():
         StudentSettings(batch=0)
     with pytest.raises(ConfigError, match="step_weights"):
         StudentSettings(step_weights=(0.0, 0.0, 0.0))
+
+
+def test_the_agent_locator_finds_the_agent_in_encoded_frames():
+    from framecast.models.world.autoencoder import frames_to_tensor, load_autoencoder
+    from framecast.models.world.episodes import make_episode
+    from framecast.stream.worldmodel.recipe import AUTOENCODER_FILE, WEIGHTS_DIR
+    from framecast.stream.worldmodel.student import AgentLocator
+
+    autoencoder = load_autoencoder(WEIGHTS_DIR / AUTOENCODER_FILE)
+    episode = make_episode(5, 3)
+    with torch.no_grad():
+        latents = autoencoder.encode(frames_to_tensor(episode.frames)[None])
+    xy = AgentLocator(autoencoder)(latents)
+    assert xy.shape == (1, 3, 2)
+    assert (xy[0] - torch.from_numpy(episode.agent_xy).float()).abs().max() < 1.0
+    nothing = AgentLocator(autoencoder)(torch.zeros(1, 3, 16, 16, 16))  # a flat frame: no agent, NaN
+    assert torch.isnan(nothing).all()

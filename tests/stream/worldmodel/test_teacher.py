@@ -87,3 +87,16 @@ def test_teacher_settings_refuse_bad_values():
         TeacherSettings(clip_frames=25)
     with pytest.raises(ConfigError, match="batch"):
         TeacherSettings(batch=0)
+
+
+def test_agent_weights_mark_the_latent_pixels_under_the_agent():
+    from framecast.stream.worldmodel.teacher import agent_weights
+
+    weights = agent_weights(torch.tensor([[[20.0, 30.0], [100.0, 5.0]]]), 16, 10.0)
+    assert weights.shape == (1, 2, 16, 16)
+    rows, cols = torch.nonzero(weights[0, 0] > 1, as_tuple=True)
+    assert set(rows.tolist()) == {2, 3, 4} and set(cols.tolist()) == {1, 2, 3}  # centres 11.5..27.5 px reach 20, 30
+    assert weights[0, 0].max() == 11 and weights[0, 0].min() == 1
+    assert (weights[0, 1] > 1).sum() == 6  # at the top edge: 2 rows x 3 columns
+    far = agent_weights(torch.full((1, 1, 2), -1e6), 16, 10.0)  # no agent: weight 1 everywhere
+    assert (far == 1).all()
