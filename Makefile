@@ -7,9 +7,10 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 install:
 	$(PYTHON) -m pip install -q -c constraints.txt -e ".[dev]"
 
-# the main job: stream a short video from the embedded default model (random-weight tiny preset until it ships)
+# the main job: stream a video from the embedded default model (the world model in models/world/weights)
 demo: install
-	$(PYTHON) -m framecast.stream.cli generate --prompt "a quiet lake at dawn" --frames 65 -o out/demo.mp4
+	$(PYTHON) -m framecast.stream.cli generate --prompt "a cyan triangle on snow at dusk in snowfall" \
+		--switch "90:a yellow diamond on grass by day in rain" --actions random --frames 180 -o out/demo.mp4
 
 # the tests, inside a loopback-only network namespace when we may create one (root), so nothing leaves the machine
 test: install

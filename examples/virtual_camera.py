@@ -7,7 +7,7 @@
     python examples/virtual_camera.py --seconds 10 --device /dev/video2 --prompt "snowfall at night"
 
 It starts a session in this process (the `tiny` preset with random weights at 128x128 px, enlarged --output-scale
-times: the same stream `framecast serve` makes) and feeds every frame to `pyvirtualcam` through FrameCast's
+times: the stream `framecast serve --preset tiny` makes; `framecast vcam` streams the embedded world model) and feeds every frame to `pyvirtualcam` through FrameCast's
 virtual-camera sink (stream/sinks/vcam.py: `open_camera`, `VirtualCameraSink`). pyvirtualcam needs a camera driver:
 v4l2loopback on Linux, OBS Virtual Camera on Windows and macOS. Without one (or without pyvirtualcam) the example
 says which driver and how to install it, and exits with status 3. `framecast vcam` is the same as a command.
@@ -26,7 +26,8 @@ NO_DRIVER = 3  # exit status when no virtual camera driver is installed
 
 
 def build_session(args: argparse.Namespace):
-    """A live session as `framecast serve` builds it for the default model (tiny preset, random weights)."""
+    """A live session of the `tiny` preset with random weights (`framecast serve --preset tiny` builds the same): the
+    lightest stream there is, for trying a camera driver; `framecast vcam` streams the embedded world model."""
     import torch
 
     from framecast.models.config import preset
