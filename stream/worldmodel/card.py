@@ -135,6 +135,8 @@ def write_model_card(run: Path, model_dir: Path) -> Path:
             lines.append(f"| {name} | {history['step'][-1] if history['step'] else 0:,} | {_minutes(history)} | "
                          f"{np.mean(history['loss'][-50:]):.4f} |")
     lines += ["", "![teacher loss](teacher_loss.png) ![student loss](student_loss.png)", ""]
+    if (run / "RUN_HISTORY.md").exists():  # runs chained by hand (--init-from) before this one: their record
+        lines += [(run / "RUN_HISTORY.md").read_text().strip(), ""]
     lines += ["## Evaluation (`framecast eval world`)", ""]
     if results:
         s = results["settings"]

@@ -23,8 +23,9 @@ WORLD_DIT = preset("world")
 assert WORLD_DIT.num_actions == len(Action)
 LATENT_SIZE = 16  # 128 px / 8
 CHUNK_FRAMES = 3
-# no sinks: RoPE offsets between any two attended frames stay < 12, as in training, however long the stream runs
-WINDOW_FRAMES = 12
+# the chunk in flight and the one before it; no sinks: RoPE offsets between attended frames stay < 6, as in training,
+# however long the stream runs (the world's state is in its last frames: positions, velocities, particle phases)
+WINDOW_FRAMES = 6
 SHIFT = 3.0  # a 16x16x16 latent needs less shift toward high noise than Wan's 60x104 (shift 5)
 STUDENT_STEPS = {1: (1000,), 2: (1000, 500), 4: (1000, 750, 500, 250)}
 TEACHER_STEPS = 32

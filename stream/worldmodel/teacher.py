@@ -29,11 +29,11 @@ from tqdm import tqdm
 
 from framecast.models.dit import CausalWanDiT
 from framecast.models.errors import ConfigError
-from framecast.models.loading import save_dit
+from framecast.models.loading import load_dit, save_dit
 from framecast.models.memory import BlockCausal
 from framecast.models.world.autoencoder import load_autoencoder
 from framecast.models.world.latent_clips import LatentClips, agent_positions, make_latent_clips
-from framecast.models.world.text_encoder import TextEncoderConfig, WorldTextEncoder, save_text_encoder
+from framecast.models.world.text_encoder import TextEncoderConfig, WorldTextEncoder, load_text_encoder, save_text_encoder
 from framecast.stream.worldmodel.recipe import AUTOENCODER_FILE, CHUNK_FRAMES, SHIFT, WEIGHTS_DIR, WINDOW_FRAMES, WORLD_DIT
 
 STATE_FILE = "teacher_state.pt"
@@ -43,26 +43,28 @@ CLIPS_FILE = "latent_clips.pt"
 @dataclass(frozen=True)
 class TeacherSettings:
     steps: int = 100_000  # the schedule's length; --max-minutes usually ends training first
-    batch: int = 4
-    learning_rate: float = 6e-4
+    batch: int = 16
+    learning_rate: float = 1e-3
     warmup_steps: int = 200
     final_lr_share: float = 0.05  # cosine decay to this share of the learning rate
     weight_decay: float = 0.01
-    clean_chunk_share: float = 0.2  # chunks kept clean (context only) besides the pre-switch ones
+    clean_chunk_share: float = 0.4  # chunks kept clean (context only) besides the pre-switch ones
     agent_weight: float = 10.0  # extra loss weight on the latent pixels under the agent (see `agent_weights`)
     ema_decay: float = 0.998
-    clip_frames: int = 24
+    clip_frames: int = 24  # frames per encoded clip (the data)
+    window_frames: int = 9  # frames per training sample: a chunk-aligned window of a clip at a random offset
     clips: int = 3000
     checkpoint_every_s: float = 180.0
     bfloat16_autocast: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "clip_frames", "clips", "warmup_steps"):
+        for name in ("steps", "batch", "clip_frames", "window_frames", "clips", "warmup_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
-        if self.clip_frames % CHUNK_FRAMES:
-            raise ConfigError(f"clip_frames={self.clip_frames} must be a multiple of the chunk ({CHUNK_FRAMES})")
+        if self.clip_frames % CHUNK_FRAMES or self.window_frames % CHUNK_FRAMES or self.window_frames > self.clip_frames:
+            raise ConfigError(f"clip_frames={self.clip_frames} and window_frames={self.window_frames} must be multiples "
+                              f"of the chunk ({CHUNK_FRAMES}), the window no longer than the clip")
         if not 0 <= self.clean_chunk_share < 1 or not 0 < self.ema_decay < 1:
             raise ConfigError("clean_chunk_share must be in [0, 1) and ema_decay in (0, 1)")
 
@@ -158,6 +160,7 @@ def load_or_make_clips(out: Path, settings: TeacherSettings, autoencoder_path: P
 def train_teacher(
     out: Path, settings: TeacherSettings = TeacherSettings(), max_minutes: float | None = None,
     device: str = "cpu", autoencoder_path: Path = WEIGHTS_DIR / AUTOENCODER_FILE, seed: int = 0,
+    init_from: Path | None = None,
 ) -> dict:
     """Train (resuming from `out` when a state is there); returns the history. Writes `teacher.safetensors` and
     `text_encoder.safetensors` (EMA weights, bfloat16 DiT) into `out` at every checkpoint and at the end."""
@@ -168,6 +171,9 @@ def train_teacher(
     dit = CausalWanDiT(WORLD_DIT).to(device_)
     text_encoder = WorldTextEncoder(TextEncoderConfig(width=WORLD_DIT.text_dim)).to(device_)
     nn.init.normal_(dit.action_embedding.weight, std=0.02)  # a zero table would stay zero under weight decay alone
+    if init_from is not None:  # a fine-tune: weights of an earlier run, fresh optimizer and schedule
+        dit.load_state_dict(load_dit(init_from / "teacher.safetensors", dtype=torch.float32).state_dict())
+        text_encoder.load_state_dict(load_text_encoder(init_from / "text_encoder.safetensors").state_dict())
     parameters = [*dit.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay, betas=(0.9, 0.99))
     ema_dit, ema_text = copy.deepcopy(dit).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
@@ -188,7 +194,7 @@ def train_teacher(
     total = settings.steps
     if max_minutes is not None:
         total = min(total, history.get("planned_steps", total))
-    loss_fn = FlowMatchingLoss(settings.clip_frames, WORLD_DIT.tokens_per_frame(16, 16), settings.clean_chunk_share, device_,
+    loss_fn = FlowMatchingLoss(settings.window_frames, WORLD_DIT.tokens_per_frame(16, 16), settings.clean_chunk_share, device_,
                                settings.agent_weight)
 
     def checkpoint() -> None:
@@ -217,9 +223,11 @@ def train_teacher(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(settings, step, total)
         index = torch.from_numpy(rng.choice(len(clips), settings.batch, replace=False))
+        offset = int(rng.integers((settings.clip_frames - settings.window_frames) // CHUNK_FRAMES + 1)) * CHUNK_FRAMES
+        frames = slice(offset, offset + settings.window_frames)
         with torch.autocast(device_.type, dtype=torch.bfloat16, enabled=settings.bfloat16_autocast):
-            loss = loss_fn(dit, text_encoder, clips.latents[index], clips.actions[index], clips.tokens[index], generator,
-                           clips.agent_xy[index])
+            loss = loss_fn(dit, text_encoder, clips.latents[index, frames], clips.actions[index, frames],
+                           clips.tokens[index, frames], generator, clips.agent_xy[index, frames])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -257,10 +265,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=TeacherSettings.learning_rate)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--init-from", type=Path, help="start from this run folder's teacher and text encoder (fine-tune)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = TeacherSettings(steps=args.steps, batch=args.batch, clips=args.clips, learning_rate=args.lr)
-    train_teacher(args.out, settings, args.max_minutes, args.device)
+    train_teacher(args.out, settings, args.max_minutes, args.device, init_from=args.init_from)
 
 
 if __name__ == "__main__":
