@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from framecast.models.errors import CheckpointError, ConfigError
+from framecast.models.loading import check_fits
 from framecast.models.world.prompt import SLOTS, SceneSettings, parse_prompt
 
 # token id of each vocabulary word; slot i's token sits at position i of the sequence
@@ -117,11 +118,6 @@ def load_text_encoder(path: str | os.PathLike) -> WorldTextEncoder:
         raise CheckpointError(f"{path}: no 'config' in the safetensors metadata; not a world text encoder file")
     model = WorldTextEncoder(TextEncoderConfig(**json.loads(metadata["config"])))
     state = load_file(str(path))
-    want = model.state_dict()
-    problems = [f"missing {k!r}" for k in want if k not in state] + [f"unexpected {k!r}" for k in state if k not in want]
-    problems += [f"{k!r} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
-                 for k, v in want.items() if k in state and state[k].shape != v.shape]
-    if problems:
-        raise CheckpointError(f"{path}: " + "; ".join(problems))
+    check_fits(model, state, str(path), "world text encoder")  # CheckpointError listing every bad key
     model.load_state_dict(state)
     return model.eval()
