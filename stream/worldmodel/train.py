@@ -32,7 +32,7 @@ MODEL_FOLDER = "model"
 class TrainWorldSettings:
     autoencoder_minutes: float = 30.0  # 0: use the shipped autoencoder (the latents the shipped DiTs were trained on)
     teacher_minutes: float = 50.0
-    student_minutes: float = 25.0
+    student_minutes: float = 20.0
     clips: int = 3000
     evaluate: bool = True
     eval_frames: int = 900
