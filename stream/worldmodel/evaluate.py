@@ -90,7 +90,8 @@ def evaluate_world(
                      "stream_seconds": seconds, "table": metrics_table(rows)}
     series = {}
     if settings.long_frames:
-        long_script = random_script(settings.seed + 1, settings.long_frames, settings.long_switch_every)
+        whole_chunks = -(-settings.long_frames // CHUNK_FRAMES) * CHUNK_FRAMES  # 5000 frames: 1,667 chunks
+        long_script = random_script(settings.seed + 1, whole_chunks, settings.long_switch_every)
         long = model_rollout(student, long_script, STUDENT_STEPS[4], seed=settings.seed + 1, progress=progress)
         first = stream_metrics(window(long, 0, settings.drift_window))
         last = stream_metrics(window(long, settings.long_frames - settings.drift_window, settings.long_frames))
