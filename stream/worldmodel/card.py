@@ -165,6 +165,8 @@ def write_model_card(run: Path, model_dir: Path) -> Path:
             ]
     if speed:
         lines += ["## Speed (`benchmarks/world.py`)", "", speed.get("markdown", ""), ""]
+    if results:
+        lines += _targets(results, speed)
     lines += [
         "## Reproduce",
         "",
@@ -177,6 +179,39 @@ def write_model_card(run: Path, model_dir: Path) -> Path:
     path = model_dir / "MODEL_CARD.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _targets(results: dict, speed: dict | None) -> list[str]:
+    """The issue's targets against this model's measurements, met or not."""
+    rows = results["rows"]
+    student, teacher = rows.get("student 4 steps"), rows.get("teacher 32 steps")
+    table = ["## Targets", "", "| target | measured | met |", "| --- | --- | :-: |"]
+
+    def row(target: str, measured: str, met: bool) -> None:
+        table.append(f"| {target} | {measured} | {'yes' if met else '**no**'} |")
+
+    if student:
+        row("prompt adherence >= 95%", f"{student['prompt_adherence']:.1f}% (student, 4 steps)", student["prompt_adherence"] >= 95)
+        row("action following >= 90%", f"{student['action_following']:.1f}%", student["action_following"] >= 90)
+        row("new prompt visible within 1 chunk (3 frames)", f"{student['switch_frames_to_visible_mean']:.1f} frames mean, "
+            f"{student['switch_frames_to_visible_max']:.0f} max", student["switch_frames_to_visible_max"] <= 3)
+        row("agent jump <= 2 px at a switch", f"{student['switch_agent_jump_px_mean']:.2f} px mean, "
+            f"{student['switch_agent_jump_px_max']:.2f} max", student["switch_agent_jump_px_max"] <= 2)
+    if "drift" in results:
+        worst = max(abs(results["drift"]["difference"][k]) for k in ("prompt_adherence", "action_following"))
+        row("drift <= 3 points (first vs last 500 of 5,000 frames)", f"{worst:.1f} points (largest)", worst <= 3)
+    if student and teacher:
+        keys = ("prompt_adherence", "action_following", "agent_found")
+        gap = max(teacher[k] - student[k] for k in keys)
+        row("4-step student within 3 points of the 32-step teacher", f"{gap:+.1f} points (largest shortfall)", gap <= 3)
+    if speed:
+        fps = speed["throughput"][0]["fps_median"]
+        row(">= 30 frames/s end to end at 128x128 (4 steps)", f"{fps:.1f} frames/s", fps >= 30)
+        row("time to first frame <= 0.5 s", f"{speed['cold']['first_frame_s']:.3f} s cold",
+            speed["cold"]["first_frame_s"] <= 0.5)
+        growth = speed["memory"]["growth_percent"]
+        row("memory flat over 10,000 frames", f"{growth:+.2f}% RSS", abs(growth) < 2)
+    return [*table, ""]
 
 
 def _dit_shapes(path: Path) -> list[tuple[int, ...]]:
