@@ -61,6 +61,7 @@ class EngineConfig:
     sinks_follow_window: bool = False  # sinks take the positions right before the window (Rolling Forcing)
     switch_policy: SwitchPolicy = SwitchPolicy.RECACHE
     rolling_chunks: int = 1  # > 1: chunks denoised jointly in Rolling Forcing's rolling window (stream/rolling.py)
+    stream_batch: bool = False  # the steps of successive chunks in flight at once, one memory per step (stream_batch.py)
     batch: int = 1
     seed: int = 0
     profile: bool = False  # per-stage timings (syncs the device at stage boundaries)
@@ -91,6 +92,10 @@ class EngineConfig:
         FlowMatchSchedule(self.shift).warp(self.denoising_steps)  # raises ConfigError on a bad step list
         if not isinstance(self.rolling_chunks, int) or isinstance(self.rolling_chunks, bool) or self.rolling_chunks < 1:
             raise ConfigError(f"rolling_chunks={self.rolling_chunks!r} must be a positive integer (1: the chunk sampler)")
+        if not isinstance(self.stream_batch, bool):
+            raise ConfigError(f"stream_batch={self.stream_batch!r} must be True or False")
+        if self.stream_batch and self.rolling_chunks > 1:
+            raise ConfigError("stream_batch and rolling_chunks > 1 are two different samplers: choose one")
         if self.rolling_chunks > 1:
             from framecast.stream.rolling import check_rolling_config  # the rolling sampler's own rules
 
@@ -182,6 +187,10 @@ class StreamEngine:
 
     def __new__(cls, *args: object, **kwargs: object) -> StreamEngine:
         config = kwargs.get("config", args[1] if len(args) > 1 else None)
+        if cls is StreamEngine and getattr(config, "stream_batch", False):
+            from framecast.stream.stream_batch import StreamBatchEngine  # not a subclass: built here, __init__ skipped
+
+            return StreamBatchEngine(*args, **kwargs)
         if cls is StreamEngine and getattr(config, "rolling_chunks", 1) > 1:
             from framecast.stream.rolling import RollingStreamEngine  # a subclass: imported here, not at the top
 

@@ -3,8 +3,9 @@
 A lane owns what the orchestrator keeps of a stream: the sampler (noise, schedule, x0, re-noising), the history of
 clean latents, the prompt and actions, and a ledger memory (one layer, one token per frame) that tracks frames,
 positions and recache ranges exactly as the stages' memories do. `chunk_program()` is a generator that yields the
-packets of one chunk in `StreamEngine.next_chunk` order and receives the flow of each packet that asks for one, so
-the numbers equal the single-process engine's: same calls, same order, same noise draws.
+packets of one chunk in `StreamEngine.next_chunk` order and, after each packet that asks for an output, yields AWAIT
+to receive that output (the flow), so the numbers equal the single-process engine's: same calls, same order, same
+noise draws.
 
 Controls are taken at the chunk boundary (as the engine does) and travel inside the chunk's first packet: a reset
 flag, the new prompt, and a recache call (`Begin.RECACHE`) before the chunk.
@@ -27,17 +28,51 @@ from framecast.stream.sampler import FlowMatchSchedule, Step, renoise, to_clean
 from framecast.stream.stage import ledger_memory
 from framecast.stream.wire import Begin, Packet
 
-Program = Generator[Packet, "Tensor | None", "LatentChunk | None"]
+class _Await:
+    """What a program yields to receive the output of its oldest packet whose output it has not taken yet."""
+
+    def __repr__(self) -> str:
+        return "AWAIT"
+
+
+AWAIT = _Await()
+# A program yields packets (to submit in order), AWAIT (to take its next output, in submission order) and, for a
+# program that runs on over many chunks (stream_batch.StaggeredLane), each finished LatentChunk.
+Program = Generator["Packet | _Await | LatentChunk", "Tensor | None", "LatentChunk | None"]
+
+
+def run_on(program: Program, executor) -> LatentChunk | None:
+    """Drive `program` on an executor that computes each packet as it is submitted (`LocalExecutor`) until the
+    program finishes a chunk (returns it, or yields it if it runs on)."""
+    value = None
+    try:
+        while True:
+            item = program.send(value)
+            value = None
+            if item is AWAIT:
+                value = executor.result().tensors[0]
+            elif isinstance(item, LatentChunk):
+                return item
+            else:
+                executor.submit(item)
+    except StopIteration as stop:
+        return stop.value
 
 
 class Lane:
     """One stream: its sampler, history, prompt, actions and controls. Compute happens in the stages."""
 
+    memories = 1  # stage memories the lane uses
+    continuous = False  # chunk_program() is one chunk (a StaggeredLane's runs on over many)
+
     def __init__(
         self, index: int, dit_config: DiTConfig, config: EngineConfig, prompt: Tensor, dtype: torch.dtype,
         noise: NoiseSource | None = None,
+        memory: int | None = None,
     ) -> None:
+        """`memory`: the stages' memory this lane's packets use (default: `index`)."""
         self.index, self.dit_config, self.config, self.dtype = index, dit_config, config, dtype
+        self.memory = index if memory is None else memory
         self.ledger = ledger_memory(dit_config, config)
         self.schedule = FlowMatchSchedule(config.shift)
         self.steps: tuple[Step, ...] = self.schedule.steps(config.denoising_steps, config.warp_steps)
@@ -102,7 +137,7 @@ class Lane:
     def _packet(self, **fields) -> Packet:
         """A packet of this lane carrying any control not yet sent (reset, prompt)."""
         packet = Packet(
-            lane=self.index, reset=self._send_reset, text=self.prompt if self._send_prompt else None, **fields
+            lane=self.memory, reset=self._send_reset, text=self.prompt if self._send_prompt else None, **fields
         )
         self._send_reset = self._send_prompt = False
         return packet
@@ -140,7 +175,8 @@ class Lane:
         for number, step in enumerate(schedule):
             timesteps = torch.full(self.chunk_shape[:2], step.timestep, dtype=torch.float32)
             begin = dict(begin=Begin.CHUNK, frames=self.config.chunk_frames) if number == 0 else {}
-            flow = yield self._call(x, timesteps, self.actions, output=True, **begin)
+            yield self._call(x, timesteps, self.actions, output=True, **begin)
+            flow = yield AWAIT
             x0 = to_clean(x, flow.to(x.device), step.sigma)  # the sampler runs on the CPU; NCCL flows come on a GPU
             if not step.is_last:
                 x = renoise(x0, self.noise.draw(tuple(x0.shape), x0.dtype, x0.device), step.next_sigma)

@@ -39,11 +39,12 @@ from framecast.models.dit import CausalWanDiT
 from framecast.models.errors import ConfigError
 from framecast.stream.engine import EngineConfig, LatentChunk, SwitchPolicy
 from framecast.stream.executors import Executor, LocalExecutor, PipelineExecutor, SparePool
-from framecast.stream.lane import Lane, Program
+from framecast.stream.lane import AWAIT, Lane, Program
 from framecast.stream.layer_split import (
     LayerCosts, balanced_split, even_split, measure_layer_seconds, move_layer, rebalance_move, split_from_sizes,
 )
 from framecast.stream.noise import GaussianNoise, NoiseSource
+from framecast.stream.stream_batch import StaggeredLane
 from framecast.stream.wire import MAX_STAGES, Kind, Packet, StageFailed
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,21 @@ class PipelineConfig:
             raise ConfigError(f"threads_per_stage={self.threads_per_stage!r} must be a positive integer")
 
 
+def make_lanes(
+    dit_config: DiTConfig, config: EngineConfig, prompts: Sequence[Tensor], dtype: torch.dtype,
+    noises: Sequence[NoiseSource] | None = None,
+) -> list[Lane | StaggeredLane]:
+    """One lane per prompt, each with its own stage memories (a staggered lane with `config.stream_batch` uses one
+    per denoising step); lane i draws its noise from seed `config.seed + i` unless `noises` are given."""
+    kind = StaggeredLane if config.stream_batch else Lane
+    lanes, memory = [], 0
+    for index, prompt in enumerate(prompts):
+        noise = noises[index] if noises else GaussianNoise(config.seed + index)
+        lanes.append(kind(index, dit_config, config, prompt, dtype, noise, memory=memory))
+        memory += lanes[-1].memories
+    return lanes
+
+
 @dataclass(frozen=True)
 class LaneChunk:
     lane: int
@@ -147,10 +163,8 @@ class PipelineEngine:
         self.dtype = dtype or getattr(model, "dtype", None)
         if self.dit_config is None or self.dtype is None:
             raise ConfigError("pass dit_config and dtype for a model recipe that does not carry them")
-        self.lanes = [
-            Lane(index, self.dit_config, config, prompt, self.dtype, noises[index] if noises else GaussianNoise(config.seed + index))
-            for index, prompt in enumerate(prompts)
-        ]
+        self.lanes = make_lanes(self.dit_config, config, prompts, self.dtype, noises)
+        self.memories = sum(lane.memories for lane in self.lanes)  # stage memories: one per lane, S per staggered lane
         self.standby: CausalWanDiT | None = None
         self.layer_costs: LayerCosts | None = None
         self.split = self._initial_split()
@@ -188,7 +202,7 @@ class PipelineEngine:
     def _pipeline_executor(self, split: tuple[range, ...], spares: list | None = None) -> Executor:
         p = self.pipeline
         return PipelineExecutor(
-            self.model, self.config, len(self.lanes), split, backend=p.backend, addr=p.addr, port=p.port,
+            self.model, self.config, self.memories, split, backend=p.backend, addr=p.addr, port=p.port,
             threads=p.threads_per_stage, devices=p.devices[: len(split)] if p.devices else None, pin=p.pin_stages,
             start_timeout_s=p.start_timeout_s, stage_timeout_s=p.stage_timeout_s, spares=spares,
         )
@@ -225,27 +239,39 @@ class PipelineEngine:
         the consumer asks for the next item after that lane's previous chunk."""
         programs: dict[int, Program] = {}
         waiting: deque[int] = deque()  # lanes whose output is due, in submission order
+        awaiting: set[int] = set()  # lanes whose program waits for its next output
+        ready: dict[int, deque[Tensor]] = {lane: deque() for lane in range(len(self.lanes))}  # outputs not yet taken
         finished: deque[LaneChunk] = deque()
 
         def advance(lane: int, value: Tensor | None) -> None:
             program = programs[lane]
             try:
-                packet = program.send(value)
+                item = program.send(value)
                 while True:
-                    self.executor.submit(packet)
-                    if packet.output:
-                        waiting.append(lane)
+                    if item is AWAIT:
+                        if not ready[lane]:
+                            awaiting.add(lane)
+                            return
+                        item = program.send(ready[lane].popleft())
+                    elif isinstance(item, LatentChunk):  # a continuous program pauses until its chunk is taken
+                        finished.append(LaneChunk(lane, item))
                         return
-                    packet = program.send(None)
+                    else:
+                        self.executor.submit(item)
+                        if item.output:
+                            waiting.append(lane)
+                        item = program.send(None)
             except StopIteration as stop:
                 del programs[lane]
                 if stop.value is not None:
                     finished.append(LaneChunk(lane, stop.value))
 
         def start(lane: int) -> None:
-            programs[lane] = self.lanes[lane].chunk_program()
+            if lane not in programs:
+                programs[lane] = self.lanes[lane].chunk_program()
             advance(lane, None)
 
+        state = (programs, waiting, awaiting, ready, advance)
         for lane in range(len(self.lanes)):
             start(lane)
         while True:
@@ -257,12 +283,16 @@ class PipelineEngine:
             try:
                 packet = self.executor.result()
             except StageFailed as error:
-                self._rebuild(error, programs, waiting, advance)
+                self._rebuild(error, *state)
                 continue
             if lane == _MIGRATION:
                 self._migrating = False
                 continue
-            advance(lane, packet.tensors[0])
+            if lane in awaiting:
+                awaiting.discard(lane)
+                advance(lane, packet.tensors[0])
+            else:
+                ready[lane].append(packet.tensors[0])
             self._maybe_rebalance(waiting)
 
     def _maybe_rebalance(self, waiting: deque[int]) -> None:
@@ -294,7 +324,10 @@ class PipelineEngine:
         self.migrations.append((layer, destination))
         log.info("moving layer %d to stage %d; split now %s", layer, destination, self.split)
 
-    def _rebuild(self, error: StageFailed, programs: dict[int, Program], waiting: deque[int], advance) -> None:
+    def _rebuild(
+        self, error: StageFailed, programs: dict[int, Program], waiting: deque[int], awaiting: set[int],
+        ready: dict[int, deque[Tensor]], advance,
+    ) -> None:
         """Drop the broken pipeline, build the next one, restore every lane from its last committed chunk, and
         restart the chunks that were in flight."""
         detected = time.monotonic()
@@ -302,11 +335,14 @@ class PipelineEngine:
             raise error
         log.warning("pipeline fault: %s; rebuilding (%s)", error, self.pipeline.on_fault)
         self.executor.close(graceful=False)
-        in_flight = sorted(programs)
+        in_flight = sorted(lane for lane in programs if not self.lanes[lane].continuous)
         for program in programs.values():
             program.close()
         programs.clear()
         waiting.clear()
+        awaiting.clear()
+        for outputs in ready.values():
+            outputs.clear()
         self._migrating, self._window_outputs, self._window_busy = False, 0, None
         stages = len(self.split) - 1 if self.pipeline.on_fault == "fewer-stages" else 0
         if stages >= 1:
@@ -319,8 +355,8 @@ class PipelineEngine:
             self.split = (range(self.dit_config.num_layers),)
             dit, self.standby = self.standby or self.model("cpu"), None
             torch.set_num_threads(self.pipeline.fallback_threads or self.pipeline.threads_per_stage)
-            self.executor = LocalExecutor(dit, self.config, len(self.lanes))
-        for lane in self.lanes:
+            self.executor = LocalExecutor(dit, self.config, self.memories)
+        for lane in self.lanes:  # a continuous (staggered) lane's restore program goes on streaming after it
             programs[lane.index] = lane.restore_program()
             advance(lane.index, None)
         for lane in in_flight:

@@ -170,3 +170,55 @@ def reference_rolling_stream(
             else:
                 context.append(x0)
     return torch.cat(clean, dim=1)
+
+
+@torch.inference_mode()
+def reference_stream_batch(
+    dit: CausalWanDiT,
+    config: EngineConfig,
+    prompt: Tensor,
+    noise: NoiseSource,
+    num_chunks: int,
+    actions: Tensor | None = None,
+) -> Tensor:
+    """The stream-batch sampler (stream/stream_batch.py) without a cache: chunk c at step i is one call over the
+    step-i inputs of chunks 0..c under the block-causal mask (its slot's sequence), all frames at step i's timestep.
+    Noise in the program's order: per tick, the entering chunk's noise, then one re-noise draw per slot 1..S-1."""
+    schedule = FlowMatchSchedule(config.shift)
+    steps = schedule.steps(config.denoising_steps, config.warp_steps)
+    n, batch, slots = config.chunk_frames, config.batch, len(steps)
+    shape = (batch, n, dit.config.in_dim, config.latent_height, config.latent_width)
+    text = dit.encode_text((prompt if prompt.ndim == 3 else prompt.unsqueeze(0)).expand(batch, -1, -1))
+    tokens = dit.config.tokens_per_frame(config.latent_height, config.latent_width)
+    windowed = dit.config.attention is AttentionKind.SOFTMAX and config.cache is CacheKind.ROLLING
+    inputs: list[list[Tensor]] = [[] for _ in range(slots)]  # inputs[i][c]: chunk c's input at step i
+    flows: list[list[Tensor]] = [[] for _ in range(slots)]
+
+    def call(slot: int, chunk: int) -> Tensor:
+        first = chunk * n
+        memory = BlockCausal(
+            dit.config, num_frames=first + n, chunk_frames=n, tokens_per_frame=tokens,
+            window_frames=config.window_frames if windowed else None,
+            sink_frames=config.sink_frames if windowed else 0, device=dit.device,
+        )
+        timesteps = torch.full((batch, first + n), steps[slot].timestep)
+        frame_actions = actions[:, : first + n] if actions is not None else None
+        return dit(torch.cat(inputs[slot][: chunk + 1], dim=1), timesteps, text, memory, frame_actions)[:, first:]
+
+    for tick in range(num_chunks + slots - 1):
+        for slot in range(slots):
+            chunk = tick - slot
+            if chunk < 0:
+                continue
+            if chunk >= num_chunks:  # a chunk that enters after the last one asked for: only its draws matter
+                noise.draw(shape, dit.dtype, dit.device)
+                continue
+            if slot == 0:
+                inputs[0].append(noise.draw(shape, dit.dtype, dit.device))
+            else:
+                previous = steps[slot - 1]
+                x0 = to_clean(inputs[slot - 1][chunk], flows[slot - 1][chunk], previous.sigma)
+                inputs[slot].append(renoise(x0, noise.draw(shape, dit.dtype, dit.device), previous.next_sigma))
+            flows[slot].append(call(slot, chunk))
+    last = steps[-1]
+    return torch.cat([to_clean(inputs[-1][c], flows[-1][c], last.sigma) for c in range(num_chunks)], dim=1)

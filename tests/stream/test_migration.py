@@ -8,7 +8,7 @@ import torch
 from framecast.models.config import AttentionKind, preset
 from framecast.models.errors import ConfigError
 from framecast.stream.engine import CacheKind, EngineConfig, StreamEngine
-from framecast.stream.lane import Lane
+from framecast.stream.lane import AWAIT, Lane
 from framecast.stream.migration import give_layer, pack, take_layer, unpack
 from framecast.stream.model_source import RandomDiT
 from framecast.stream.stage import Stage, stage_specs
@@ -44,13 +44,16 @@ def test_layers_moving_inside_chunks_keep_the_stream_exact(case: str) -> None:
     moves = {5: (1, 0), 11: (1, 1), 19: (1, 0), 26: (1, 1)}  # packet number -> (layer, destination stage)
     packets, got = 0, []
     for _ in range(7):
-        program, value = lane.chunk_program(), None
+        program, value, output = lane.chunk_program(), None, None
         try:
             while True:
                 packet = program.send(value)
+                if packet is AWAIT:
+                    value = output
+                    continue
                 for stage in stages:
                     packet = stage.run(packet)
-                value = packet.tensors[0] if packet.output else None
+                value, output = None, packet.tensors[0] if packet.output else None
                 packets += 1
                 if packets in moves:
                     layer, destination = moves[packets]

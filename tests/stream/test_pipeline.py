@@ -17,7 +17,7 @@ from framecast.models.config import preset
 from framecast.models.errors import ConfigError
 from framecast.stream.engine import EngineConfig, StreamEngine, SwitchPolicy
 from framecast.stream.executors import LocalExecutor
-from framecast.stream.lane import Lane
+from framecast.stream.lane import Lane, run_on
 from framecast.stream.model_source import RandomDiT
 from framecast.stream.noise import GaussianNoise
 from framecast.stream.pipeline import PipelineConfig, PipelineEngine
@@ -117,14 +117,7 @@ def run_lane(lane: Lane, executor: LocalExecutor, chunks: int, controls, fewer) 
     out = []
     for index in range(chunks):
         lane.set_steps(fewer if index == 3 else None)
-        program, value = lane.chunk_program(), None
-        try:
-            while True:
-                packet = program.send(value)
-                executor.submit(packet)
-                value = executor.result().tensors[0] if packet.output else None
-        except StopIteration as stop:
-            out.append(stop.value.latents)
+        out.append(run_on(lane.chunk_program(), executor).latents)
         controls(index)
     return out
 
