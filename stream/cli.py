@@ -24,7 +24,6 @@ from tqdm import tqdm
 from framecast.models.config import PRESETS, preset
 from framecast.models.dit import CausalWanDiT
 from framecast.models.errors import ConfigError, FrameCastError
-from framecast.models.preview import PreviewDecoder
 from framecast.models.text import HashedTextEncoder, load_prompt_embeds
 from framecast.stream.engine import CacheKind, EngineConfig, StreamEngine
 
@@ -62,6 +61,7 @@ def add_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, default=33, help="video frames to write (default 33)")
     p.add_argument("--stages", type=int, default=1, help="split the DiT's layers over this many stage processes "
                    "(torch.distributed: gloo on CPU, NCCL on GPUs); the chunks are exactly those of one process")
+    add_placement_flags(p)
     p.add_argument("-o", "--output", type=Path, help="video file to write (mp4)")
     p.add_argument("--latents-out", type=Path, help="also save the latents [B, F, C, H, W] (.safetensors)")
     p.add_argument("--height", type=int, default=128, help="frame height in pixels (multiple of 16)")
@@ -140,6 +140,9 @@ def run_generate_world(args: argparse.Namespace) -> None:
     check_world_args(args)
     if not args.output:
         raise ConfigError("nothing to write: give -o/--output")
+    if args.decode_device is not None:
+        raise ConfigError("--decode-device: `generate` decodes the world model in this process (its 128x128 decoder "
+                          "is cheap); bench, serve and vcam take it, and so do Wan-size models (--preset/--weights)")
     switches = [parse_switch(text) for text in args.switch]
     script = command_line_script(args.prompt or DEFAULT_WORLD_PROMPT, switches, args.actions, args.frames, args.seed)
     model = load_world_model(args)
@@ -208,19 +211,50 @@ def build_model(args: argparse.Namespace, dtype: torch.dtype, device: torch.devi
 
 
 def build_decoder(args: argparse.Namespace, latent_channels: int, dtype: torch.dtype, device: torch.device):
-    """The decoder the arguments ask for; real decoders run in float32 at least on the CPU (bf16 convs are slow)."""
+    """The decoder the arguments ask for, in this process or (--decode-device) in a decode stage process; real
+    decoders run in float32 at least on the CPU (bf16 convs are slow)."""
+    from framecast.stream.decode_stage import PreviewDecoderRecipe, TAEHVDecoderRecipe, WanVAEDecoderRecipe
+
     if args.decoder == "preview":
-        return PreviewDecoder(latent_channels, VAE_SPATIAL, VAE_TEMPORAL)
-    if not args.decoder_weights:
+        recipe = PreviewDecoderRecipe(latent_channels, VAE_SPATIAL, VAE_TEMPORAL)
+    elif not args.decoder_weights:
         raise ConfigError(f"--decoder {args.decoder} needs --decoder-weights (Wan2.1_VAE.pth or taew2_1.pth)")
-    decoder_dtype = torch.float32 if device.type == "cpu" else dtype
-    if args.decoder == "wan-vae":
-        from framecast.models.vae import WanVAEDecoder, load_wan_vae
+    else:
+        decode_on = torch.device(getattr(args, "decode_device", None) or device)
+        decoder_dtype = torch.float32 if decode_on.type == "cpu" else dtype
+        recipe = (WanVAEDecoderRecipe if args.decoder == "wan-vae" else TAEHVDecoderRecipe)(
+            str(args.decoder_weights), decoder_dtype)
+    return staged_or_local(args, recipe, device)
 
-        return WanVAEDecoder(load_wan_vae(args.decoder_weights, device=device, dtype=decoder_dtype))
-    from framecast.models.taehv import TAEHVDecoder, load_taehv
 
-    return TAEHVDecoder(load_taehv(args.decoder_weights, dtype=decoder_dtype).to(device))
+def staged_or_local(args: argparse.Namespace, recipe, device: torch.device):
+    """The recipe's decoder: in this process on `device`, or in a decode stage on --decode-device (this process
+    decodes on `device` if that stage fails)."""
+    if getattr(args, "decode_device", None) is None:
+        return recipe(device)
+    from framecast.stream.decode_stage import DecodeStageConfig, StagedDecoder
+
+    decoder = StagedDecoder(recipe, DecodeStageConfig(device=args.decode_device, fallback_device=str(device)))
+    log.info("decoding in %s", decoder.describe)
+    return decoder
+
+
+def world_decoder(args: argparse.Namespace, model):
+    """The world model's decoder (model.decoder()), or the same in a decode stage with --decode-device."""
+    if getattr(args, "decode_device", None) is None:
+        return model.decoder()
+    from framecast.stream.decode_stage import WorldDecoderRecipe
+    from framecast.stream.worldmodel.recipe import AUTOENCODER_FILE, WEIGHTS_DIR
+
+    recipe = WorldDecoderRecipe(str((args.world_weights or WEIGHTS_DIR) / AUTOENCODER_FILE), model.decoder().dtype)
+    return staged_or_local(args, recipe, torch.device("cpu"))
+
+
+def close_decoder(decoder) -> None:
+    """End a decode stage's process (decoders in this process hold none)."""
+    close = getattr(decoder, "close", None)
+    if close is not None:
+        close()
 
 
 def video_source(args: argparse.Namespace, decoder: object, chunk_frames: int):
@@ -262,21 +296,74 @@ def pipeline_engine(args: argparse.Namespace, dit: CausalWanDiT, config: EngineC
 
     model = CheckpointDiT(str(args.weights), dit.config, dtype) if args.weights else \
         RandomDiT(dit.config, dtype, seed=args.seed)
+    devices, backend = stage_placement(args)
+    placement = PipelineConfig(stages=args.stages, devices=devices, backend=backend)
     # lane 0 draws its noise from config.seed, as StreamEngine does
-    return PipelineStream(PipelineEngine(model, config, [prompt.to("cpu", dtype)], PipelineConfig(stages=args.stages)))
+    return PipelineStream(PipelineEngine(model, config, [prompt.to("cpu", dtype)], placement))
+
+
+def add_placement_flags(p: argparse.ArgumentParser, *, backend: bool = True) -> None:
+    """Devices beyond this process: the decode stage's, and the stages' of `--stages N` (`backend`: add --backend;
+    serve and vcam leave it out, their --backend is the virtual camera's, and the stages' is inferred)."""
+    p.add_argument("--decode-device", help="decode in a separate process on this device (cpu, cuda:1, ...): the frames "
+                   "are those decoded in this process; a decode process that fails falls back to this process")
+    p.add_argument("--stage-devices", type=parse_devices, metavar="DEV,DEV,...",
+                   help="with --stages N: one device per stage, e.g. cuda:0,cuda:1 (default: all cpu)")
+    if backend:
+        p.add_argument("--backend", dest="stage_backend", choices=["gloo", "nccl"],
+                       help="with --stages N: the stages' transport (default: nccl when every stage is on CUDA, "
+                       "gloo otherwise)")
+
+
+def parse_devices(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(","))
+
+
+def stage_placement(args: argparse.Namespace) -> tuple[tuple[str, ...] | None, str]:
+    """(PipelineConfig.devices, PipelineConfig.backend) from --stage-devices and --backend, checked.
+
+    Raises:
+        ConfigError: a device count other than --stages, a device this machine does not have, nccl without CUDA,
+            or a transport that does not carry the stages' tensors (gloo: CPU, nccl: CUDA).
+    """
+    from framecast.stream.decode_stage import check_device
+
+    devices, backend = getattr(args, "stage_devices", None), getattr(args, "stage_backend", None)
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("--backend nccl needs CUDA, which this machine does not have; CPU stages use --backend gloo")
+    kinds = {"cpu"}
+    if devices is not None:
+        if len(devices) != args.stages:
+            raise ConfigError(f"--stage-devices names {len(devices)} device(s) ({','.join(devices)}); --stages "
+                              f"{args.stages} needs one per stage")
+        kinds = {check_device(device, "--stage-devices entry").type for device in devices}
+    backend = backend or ("nccl" if kinds == {"cuda"} else "gloo")
+    if backend == "nccl" and kinds != {"cuda"}:
+        raise ConfigError("--backend nccl carries CUDA tensors: every --stage-devices entry must be a cuda device")
+    if backend == "gloo" and "cuda" in kinds:
+        raise ConfigError("--backend gloo carries CPU tensors between stages: CUDA --stage-devices need --backend nccl")
+    return devices, backend
 
 
 def check_stages(args: argparse.Namespace) -> None:
-    """Refuse `--stages` settings before any model is built."""
+    """Refuse `--stages` settings (and the placement flags) before any model is built."""
     if args.stages < 1:
         raise ConfigError(f"--stages={args.stages} must be >= 1")
+    if getattr(args, "decode_device", None) is not None:
+        from framecast.stream.decode_stage import check_device
+
+        check_device(args.decode_device, "--decode-device")
     if args.stages == 1:
+        if getattr(args, "stage_devices", None) or getattr(args, "stage_backend", None):
+            raise ConfigError("--stage-devices and --backend place the stage processes of --stages N (N > 1); "
+                              "with one stage the DiT runs in this process")
         return
     if getattr(args, "family", None) or getattr(args, "input", None) or getattr(args, "simulator", False):
         raise ConfigError("--stages does not take --family, --input or --simulator: one process runs those")
     if args.device != "cpu":
-        raise ConfigError("--stages runs stage processes on the CPU here (gloo); GPU stages take PipelineConfig.devices "
-                          "from Python")
+        raise ConfigError("--stages runs stage processes on the CPU unless --stage-devices places them; this process "
+                          f"(the orchestrator) stays on the CPU: --device {args.device} must be cpu")
+    stage_placement(args)
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -321,7 +408,16 @@ def run_generate(args: argparse.Namespace) -> None:
         from framecast.stream.sinks.file import VideoFileSink
 
         sink = VideoFileSink(args.output, args.fps)
+    # a decode stage decodes chunk c while this process generates chunk c + 1 (one chunk in flight)
+    lookahead = 1 if getattr(decoder, "in_flight", None) is not None else 0
     latents, written, start = [], 0, time.perf_counter()
+
+    def write(frames: torch.Tensor) -> None:
+        nonlocal written
+        frames = frames[0].numpy()[: args.frames - written]
+        sink.write(frames)
+        written += len(frames)
+
     try:
         with tqdm(total=num_chunks, unit="chunk", desc="generating", disable=None) as progress:
             for _ in range(num_chunks):
@@ -332,16 +428,21 @@ def run_generate(args: argparse.Namespace) -> None:
                 chunk = engine.next_chunk(source=source)
                 if args.latents_out:
                     latents.append(chunk.latents.float().cpu())
-                if sink:
-                    frames = decoder.decode(chunk.latents)[0].numpy()[: args.frames - written]
-                    sink.write(frames)
-                    written += len(frames)
+                if sink and lookahead:
+                    decoder.submit(chunk.latents)
+                    if decoder.in_flight > lookahead:
+                        write(decoder.result())
+                elif sink:
+                    write(decoder.decode(chunk.latents))
                 progress.update(1)
+            while sink and lookahead and decoder.in_flight:
+                write(decoder.result())
     finally:
         if sink:
             sink.close()
         if args.stages > 1:
             engine.close()
+        close_decoder(decoder)
     seconds = time.perf_counter() - start
     if args.latents_out:
         from safetensors.torch import save_file
@@ -350,7 +451,9 @@ def run_generate(args: argparse.Namespace) -> None:
         save_file({"latents": torch.cat(latents, dim=1).contiguous()}, str(args.latents_out))
         print(f"wrote latents {tuple(torch.cat(latents, dim=1).shape)} to {args.latents_out}")
     if sink:
-        print(f"wrote {written} frames ({args.width}x{args.height}, {args.fps} fps, {args.decoder} decoder) to {args.output}")
+        where = f", decoded in {decoder.describe}" if lookahead else ""
+        print(f"wrote {written} frames ({args.width}x{args.height}, {args.fps} fps, {args.decoder} decoder{where}) to "
+              f"{args.output}")
     print(f"{num_chunks * config.chunk_frames} latent frames in {seconds:.2f} s")
 
 
@@ -369,6 +472,7 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--load", type=int, default=0, help="busy background processes to inject (CPU load)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--stages", type=int, default=1, help="split the DiT's layers over this many stage processes")
+    add_placement_flags(p)
     p.add_argument("--json", type=Path, help="write the metrics summary here")
     p.add_argument("--prometheus", action="store_true", help="print the /metrics text instead of the summary")
     p.add_argument("--seed", type=int, default=0)
@@ -392,7 +496,7 @@ def run_bench(args: argparse.Namespace) -> None:
     if uses_world_model(args):
         check_world_args(args)
         model = load_world_model(args)
-        engine, decoder = model.engine(steps=world_steps(args), seed=args.seed), model.decoder()
+        engine, decoder = model.engine(steps=world_steps(args), seed=args.seed), world_decoder(args, model)
     else:
         args.preset = args.preset or "tiny"
         dit = build_model(args, dtype, device).eval()
@@ -400,7 +504,8 @@ def run_bench(args: argparse.Namespace) -> None:
         config = engine_config(args, args.height // VAE_SPATIAL, args.width // VAE_SPATIAL)
         engine = pipeline_engine(args, dit, config, prompt, dtype) if args.stages > 1 else \
             StreamEngine(dit, config, prompt.to(device, dtype))
-        decoder = PreviewDecoder(dit.config.out_dim, VAE_SPATIAL, VAE_TEMPORAL)
+        args.decoder = "preview"
+        decoder = build_decoder(args, dit.config.out_dim, dtype, device)
     try:
         metrics = run_realtime_bench(
             engine, decoder, fps=args.fps,
@@ -409,6 +514,7 @@ def run_bench(args: argparse.Namespace) -> None:
     finally:
         if args.stages > 1:
             engine.close()
+        close_decoder(decoder)
     print(metrics.to_prometheus() if args.prometheus else metrics.to_text())
     if args.json:
         import json
@@ -433,6 +539,10 @@ def add_session_flags(p: argparse.ArgumentParser) -> None:
                    help="latent decoder of Wan-size models: the preview (default), the Wan VAE or TAEHV (needs "
                    "--decoder-weights); the world model has its own")
     p.add_argument("--decoder-weights", type=Path, help="Wan2.1_VAE.pth or taew2_1.pth")
+    p.add_argument("--input", help="live input video for video-to-video (needs --decoder wan-vae: its weights hold "
+                   "the encoder; start --steps below 1000, e.g. 700,500): ws (pictures pushed to /ingest, format in "
+                   "stream/live_input.py), webcam[:DEVICE] (default /dev/video0 on Linux) or a video file (played "
+                   "at its own rate, looping)")
     p.add_argument("--fps", type=int, help="video frame rate (default 30 for the world model, 16 otherwise)")
     p.add_argument("--latency-budget", type=float, default=1.0, help="seconds from a frame's media time to its send")
     p.add_argument("--height", type=int, default=128, help="frame height in pixels (multiple of 16)")
@@ -440,6 +550,7 @@ def add_session_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-scale", type=int, default=1,
                    help="enlarge frames this many times for every viewer (e.g. 4: 128 px -> 512 px)")
     p.add_argument("--stages", type=int, default=1, help="split the DiT's layers over this many stage processes")
+    add_placement_flags(p, backend=False)
     add_stream_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
@@ -466,6 +577,8 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-origin", action="append", help="browser origin allowed on /ws (repeatable; default: "
                    "the server's own address)")
     p.add_argument("--max-message-bytes", type=int, default=4096, help="largest control message (default 4096)")
+    p.add_argument("--max-ingest-bytes", type=int, default=8 << 20,
+                   help="largest picture message on /ingest with --input ws (default 8 MiB)")
     p.add_argument("--vcam", action="store_true", help="also feed a virtual camera (see `framecast vcam`)")
     add_camera_flags(p)
     p.set_defaults(run=run_serve)
@@ -498,10 +611,43 @@ def check_session_args(args: argparse.Namespace) -> None:
     if args.simulator:
         from framecast.models.world.prompt import parse_prompt
 
-        if args.weights or args.family:
-            raise ConfigError("--simulator streams the procedural world: it takes no --weights/--family")
+        if args.weights or args.family or args.decode_device:
+            raise ConfigError("--simulator streams the procedural world: it takes no --weights/--family/--decode-device")
         if args.prompt is not None:
             parse_prompt(args.prompt)  # a word outside the world's vocabulary fails here, naming it
+    if args.input is not None:
+        check_live_input_args(args)
+
+
+def check_live_input_args(args: argparse.Namespace) -> None:
+    """Parse `--input` into an InputSpec and refuse what cannot take it; opens the webcam or file once to fail fast."""
+    from framecast.stream.live_input import check_input, parse_input
+
+    args.input = parse_input(args.input)
+    if args.simulator:
+        raise ConfigError("--input: the simulator takes no video input (video-to-video needs a Wan-size model)")
+    if getattr(args, "family", None):
+        from framecast.stream.families import family
+
+        if family(args.family).rolling_window:
+            raise ConfigError(f"--input: the {args.family} family's rolling-window sampler takes no video input "
+                              "(its chunks enter the window as pure noise)")
+    if args.decoder != "wan-vae" or not args.decoder_weights:
+        raise ConfigError("--input needs --decoder wan-vae --decoder-weights Wan2.1_VAE.pth: its encoder turns the "
+                          "input frames into latents")
+    check_input(args.input)
+
+
+def live_video(args: argparse.Namespace, chunk_frames: int, dtype: torch.dtype, device: torch.device):
+    """The session's video input for `--input`: live frames encoded by the Wan VAE of --decoder-weights."""
+    from framecast.models.vae import WanVAEEncodeStream, load_wan_vae
+    from framecast.stream.live_input import LiveFrames, LiveFramesConfig, LiveVideo
+    from framecast.stream.sources import LatentSource
+
+    encoder_dtype = torch.float32 if device.type == "cpu" else dtype  # bf16 convs are slow on the CPU
+    vae = load_wan_vae(args.decoder_weights, encoder=True, device=device, dtype=encoder_dtype)
+    frames = LiveFrames(LiveFramesConfig(width=args.width, height=args.height))
+    return LiveVideo(args.input, frames, LatentSource(WanVAEEncodeStream(vae), frames, chunk_frames))
 
 
 def build_session(args: argparse.Namespace, token: str | None = None):
@@ -516,7 +662,7 @@ def build_session(args: argparse.Namespace, token: str | None = None):
         model = load_world_model(args)
         prompt_text = model.prompt_text(args.prompt or DEFAULT_WORLD_PROMPT)
         engine = model.engine(prompt_text.settings, steps=world_steps(args), seed=args.seed)
-        return Session(engine, model.decoder(), prompt_text, config, token=token)
+        return Session(engine, world_decoder(args, model), prompt_text, config, token=token)
     args.preset, args.decoder = args.preset or "tiny", args.decoder or "preview"
     if args.simulator:
         from framecast.stream.simulator import PixelDecoder, SimulatorConfig, WorldSimulator
@@ -534,14 +680,16 @@ def build_session(args: argparse.Namespace, token: str | None = None):
     engine = pipeline_engine(args, dit, stream_config, first_prompt, dtype) if args.stages > 1 else \
         StreamEngine(dit, stream_config, first_prompt.to(device, dtype))
     decoder = build_decoder(args, dit.config.out_dim, dtype, device)
-    return Session(engine, decoder, text.encode, config, token=token)
+    video = live_video(args, stream_config.chunk_frames, dtype, device) if args.input is not None else None
+    return Session(engine, decoder, text.encode, config, token=token, video=video)
 
 
 def close_engine(session) -> None:
-    """End what the session's engine holds beyond this process (a pipeline's stage processes)."""
+    """End what the session's engine and decoder hold beyond this process (stage and decode processes)."""
     close = getattr(session.engine, "close", None)
     if close is not None:
         close()
+    close_decoder(session.decoder)
 
 
 def open_vcam(args: argparse.Namespace):
@@ -577,7 +725,7 @@ def run_serve(args: argparse.Namespace) -> None:
             sink, camera = start_vcam(args, session, camera), None
         run_server(session, args.host, args.port, allowed_origins=args.allow_origin,
                    max_message_bytes=args.max_message_bytes, ice_host=args.ice_host or args.host,
-                   ice_servers=args.ice_server, max_peers=args.max_peers)
+                   ice_servers=args.ice_server, max_peers=args.max_peers, max_ingest_bytes=args.max_ingest_bytes)
     finally:
         if camera is not None:  # never handed to a sink
             camera.close()
@@ -593,6 +741,9 @@ def run_vcam(args: argparse.Namespace) -> None:
     check_session_args(args)
     if args.seconds is not None and not args.seconds > 0:
         raise ConfigError(f"--seconds={args.seconds} must be > 0")
+    if args.input is not None and args.input.kind.value == "ws":
+        raise ConfigError("--input ws needs the server's /ingest endpoint: use `framecast serve --input ws` "
+                          "(vcam takes webcam[:DEVICE] or a video file)")
     camera = open_vcam(args)
     try:
         session = build_session(args)

@@ -191,7 +191,8 @@ def test_generate_over_two_stage_processes_writes_exactly_the_one_process_latent
     common = ["generate", "--preset", "tiny", "--frames", "17", "--height", "32", "--width", "32", "--dtype", "float32",
               "--seed", "3"]
     assert main([*common, "--latents-out", str(tmp_path / "one.safetensors")]) == 0
-    assert main([*common, "--stages", "2", "--latents-out", str(tmp_path / "two.safetensors")]) == 0
+    assert main([*common, "--stages", "2", "--stage-devices", "cpu,cpu", "--backend", "gloo", "--latents-out",
+                 str(tmp_path / "two.safetensors")]) == 0
     one, two = (load_file(str(tmp_path / f"{name}.safetensors"))["latents"] for name in ("one", "two"))
     assert one.shape == two.shape and torch.equal(one, two)
 
@@ -204,6 +205,26 @@ def test_generate_stages_refuses_what_it_cannot_split(tmp_path, capsys) -> None:
     # refused before any model is built
     assert main(["bench", "--preset", "tiny", "--stages", "2", "--device", "meta"]) == 2
     assert "--stages runs stage processes on the CPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--stages", "2", "--stage-devices", "cpu"], "--stage-devices names 1 device(s) (cpu); --stages 2 needs one per stage"),
+        (["--stages", "2", "--stage-devices", "cpu,tpu"], "--stage-devices entry 'tpu' is not a device"),
+        (["--stages", "2", "--stage-devices", "cpu,meta"], "device kind 'meta' is not supported"),
+        (["--stage-devices", "cpu"], "--stage-devices and --backend place the stage processes of --stages N"),
+        (["--backend", "gloo"], "--stage-devices and --backend place the stage processes of --stages N"),
+    ]
+    + ([(["--stages", "2", "--backend", "nccl"], "--backend nccl needs CUDA, which this machine does not have"),
+        (["--stages", "2", "--stage-devices", "cuda:0,cuda:1"], "'cuda:0': CUDA is not available")]
+       if not torch.cuda.is_available() else
+       [(["--stages", "2", "--stage-devices", "cpu,cpu", "--backend", "nccl"], "every --stage-devices entry must be a cuda")]),
+)
+def test_stage_placement_flags_are_checked_before_any_model_is_built(tmp_path, capsys, argv: list, message: str) -> None:
+    for command in (["generate", "-o", str(tmp_path / "x.mp4")], ["bench"]):
+        assert main([*command, "--preset", "tiny", "--device", "cpu", *argv]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_vcam_streams_a_model_split_over_two_stage_processes(capsys) -> None:
@@ -231,3 +252,13 @@ def test_bench_runs_a_two_stage_pipeline_under_the_deadline_scheduler(tmp_path) 
     assert main(argv) == 0
     summary = json.loads((tmp_path / "bench.json").read_text())
     assert summary["frames_at_sink"] >= 30 and summary["deadline"]["frames"] >= 30
+
+
+def test_bench_decodes_in_a_decode_stage_process(tmp_path) -> None:
+    import json
+
+    argv = ["bench", "--preset", "tiny", "--decode-device", "cpu", "--seconds", "1.0", "--dtype", "float32",
+            "--height", "32", "--width", "32", "--json", str(tmp_path / "bench.json")]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "bench.json").read_text())
+    assert summary["frames_at_sink"] >= 16 and summary["deadline"]["frames"] >= 16
