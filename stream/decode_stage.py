@@ -386,7 +386,10 @@ class StagedDecoder:
     def reset(self) -> None:
         """Start a new stream: the chunks submitted so far decode in the old one, the next in the new one."""
         if self.stage is not None:
-            self._owed.append(None)
+            if self._owed:
+                self._owed.append(None)  # replayed in order after a fault
+            else:
+                self._newest_returned = None  # nothing to prime a fallback decoder with: the new stream starts fresh
             try:
                 self.stage.reset()
                 return

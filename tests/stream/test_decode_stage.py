@@ -97,8 +97,9 @@ def test_a_killed_decode_process_falls_back_without_losing_or_repeating_a_chunk(
         decoder.submit(chunks[0])
         got = [decoder.result()]  # decoded by the process
         process = decoder.stage.process
-        os.kill(process.pid, signal.SIGSTOP)  # chunks 1 and 2 are sent but never decoded there
+        os.kill(process.pid, signal.SIGSTOP)  # chunks 1 and 2 (and the reset) are sent but never decoded there
         decoder.submit(chunks[1])
+        decoder.reset()
         decoder.submit(chunks[2])
         os.kill(process.pid, signal.SIGKILL)
         process.join(5.0)
@@ -111,15 +112,21 @@ def test_a_killed_decode_process_falls_back_without_losing_or_repeating_a_chunk(
         decoder.close()
     assert not process.is_alive()
     assert "exit code -9" in caplog.text and "3 chunk(s) in flight decoded again" in caplog.text
-    # a fresh decoder, fed the newest chunk whose frames came back, then every chunk after it once
+
+    def stream(decoder, first: int) -> list[torch.Tensor]:
+        """The frames of chunks `first`, ..., with the reset after chunk 1."""
+        frames = [decoder.decode(latents) for latents in chunks[first:2]]
+        decoder.reset()
+        return frames + [decoder.decode(latents) for latents in chunks[2:]]
+
+    # a fresh decoder, fed the newest chunk whose frames came back, then every chunk after it once (reset in order)
     fresh = recipe("cpu")
     fresh.decode(chunks[0])
-    expected = [recipe("cpu").decode(chunks[0])] + [fresh.decode(latents) for latents in chunks[1:]]
+    expected = [recipe("cpu").decode(chunks[0])] + stream(fresh, first=1)
     assert len(got) == len(chunks) and all(torch.equal(frames, want) for frames, want in zip(got, expected))
     if recipe is PREVIEW:  # its whole state is the last latent frame: the stream goes on as if nothing happened
-        unbroken = PREVIEW("cpu")
-        assert [frames.shape[1] for frames in got] == [9, 12, 12, 12, 12]
-        assert all(torch.equal(frames, unbroken.decode(latents)) for frames, latents in zip(got, chunks))
+        assert [frames.shape[1] for frames in got] == [9, 12, 9, 12, 12]
+        assert all(torch.equal(frames, want) for frames, want in zip(got, stream(PREVIEW("cpu"), first=0)))
 
 
 def test_a_hung_decode_process_times_out_and_decoding_goes_on_here(caplog) -> None:
@@ -131,7 +138,7 @@ def test_a_hung_decode_process_times_out_and_decoding_goes_on_here(caplog) -> No
         start = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="framecast.decode_stage"):
             got = [decoder.decode(latents) for latents in chunks]
-        assert time.monotonic() - start < 3.0
+        assert time.monotonic() - start < 5.0  # the 0.5 s timeout, not the default 10 s, on a loaded machine
         assert not decoder.is_remote and "no answer in time" in caplog.text
     finally:
         decoder.close()
