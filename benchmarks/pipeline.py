@@ -74,6 +74,7 @@ class Settings:
     rounds: int = 3
     seed: int = 0
     pinned_run: bool = True  # also 2 lanes with stage i pinned to CPU i
+    stream_batch: bool = True  # also ONE stream in stream-batch mode: 1 process vs 2 stages
     quick: bool = False
 
     def quick_version(self) -> Settings:
@@ -134,11 +135,11 @@ def restore_autogroup() -> None:
             pass
 
 
-def engine_config(settings: Settings) -> EngineConfig:
+def engine_config(settings: Settings, stream_batch: bool = False) -> EngineConfig:
     return EngineConfig(
         latent_height=settings.height_px // 8, latent_width=settings.width_px // 8, chunk_frames=settings.chunk_frames,
         denoising_steps=settings.steps, window_frames=settings.window_frames, sink_frames=settings.sink_frames,
-        seed=settings.seed,
+        seed=settings.seed, stream_batch=stream_batch,
     )
 
 
@@ -147,10 +148,11 @@ def prompts(model: RandomDiT, lanes: int) -> list[torch.Tensor]:
     return [torch.randn(1, model.config.text_len, model.config.text_dim, generator=generator) for _ in range(lanes)]
 
 
-def run_single(model: RandomDiT, settings: Settings, threads: int = 1) -> dict:
-    """The baseline: one process, one torch thread (threads=2: the other way to use both cores, for reference)."""
+def run_single(model: RandomDiT, settings: Settings, threads: int = 1, stream_batch: bool = False) -> dict:
+    """The baseline: one process, one torch thread (threads=2: the other way to use both cores, for reference;
+    stream_batch: the stream-batch sampler in one process, the baseline of its pipeline)."""
     torch.set_num_threads(threads)
-    engine = StreamEngine(model(), engine_config(settings), prompts(model, 1)[0])
+    engine = StreamEngine(model(), engine_config(settings, stream_batch), prompts(model, 1)[0])
     stream = engine.chunks()
     chunks = [next(stream).latents for _ in range(settings.warmup_chunks)]  # kept for the bit-exactness check
     seconds = []
@@ -163,7 +165,8 @@ def run_single(model: RandomDiT, settings: Settings, threads: int = 1) -> dict:
         wall = time.perf_counter() - start
     torch.set_num_threads(1)
     return {
-        "condition": "single" if threads == 1 else f"single, {threads} threads", "lanes": 1,
+        "condition": ("single" if threads == 1 else f"single, {threads} threads") + (", stream batch" if stream_batch else ""),
+        "lanes": 1,
         "chunks": settings.measured_chunks, "wall_s": wall,
         "chunks_per_s": settings.measured_chunks / wall, "chunk_median_ms": 1000 * statistics.median(seconds),
         "foreign_cpu_percent": round(load.percent, 1), "_latents": chunks,
@@ -203,10 +206,10 @@ def run_ceiling(model: RandomDiT, settings: Settings) -> dict:
     }
 
 
-def run_pipeline(model: RandomDiT, settings: Settings, lanes: int, pin: bool = False) -> dict:
+def run_pipeline(model: RandomDiT, settings: Settings, lanes: int, pin: bool = False, stream_batch: bool = False) -> dict:
     pipeline = PipelineConfig(stages=STAGES, threads_per_stage=1, balance=True, stage_timeout_s=120, pin_stages=pin)
     started = time.perf_counter()
-    with PipelineEngine(model, engine_config(settings), prompts(model, lanes), pipeline) as engine:
+    with PipelineEngine(model, engine_config(settings, stream_batch), prompts(model, lanes), pipeline) as engine:
         startup = time.perf_counter() - started
         stream = engine.chunks()
         lane0 = [item.chunk.latents for item in itertools.islice(stream, settings.warmup_chunks * lanes) if item.lane == 0]
@@ -229,7 +232,7 @@ def run_pipeline(model: RandomDiT, settings: Settings, lanes: int, pin: bool = F
         assert not engine.rebuilds, engine.rebuilds
     count = settings.measured_chunks * lanes
     return {
-        "condition": f"pipeline x{lanes}" + (" pinned" if pin else ""), "lanes": lanes, "chunks": count, "wall_s": wall, "chunks_per_s": count / wall,
+        "condition": f"pipeline x{lanes}" + (" pinned" if pin else "") + (", stream batch" if stream_batch else ""), "lanes": lanes, "chunks": count, "wall_s": wall, "chunks_per_s": count / wall,
         "startup_s": startup, "split": split, "layer_moves_while_running": migrations, "stage_call_ms_measured": stage_ms,
         "stage_utilisation": [round(b / wall, 3) for b in busy],
         "stage_cpu_share": [round(c / wall, 3) for c in cpu[1:]], "orchestrator_cpu_share": round(cpu[0] / wall, 3),
@@ -265,18 +268,24 @@ def run_fault(model: RandomDiT, settings: Settings, on_fault: str, spares: int =
 def summarise(runs: list[dict], settings: Settings) -> list[dict]:
     conditions = ["single", "single, 2 threads", "2 independent processes"] + [f"pipeline x{lanes}" for lanes in settings.lanes]
     conditions += ["pipeline x2 pinned"] if settings.pinned_run else []
+    conditions += ["single, stream batch", "pipeline x1, stream batch"] if settings.stream_batch else []
     rows = []
     base = statistics.median(r["chunks_per_s"] for r in runs if r["condition"] == "single")
+    bases = {"": base}
+    if settings.stream_batch:
+        bases[", stream batch"] = statistics.median(r["chunks_per_s"] for r in runs if r["condition"] == "single, stream batch")
     ceiling = statistics.median(r["chunks_per_s"] for r in runs if r["condition"] == "2 independent processes") / base
     for condition in conditions:
         mine = [r for r in runs if r["condition"] == condition]
         throughput = statistics.median(r["chunks_per_s"] for r in mine)
         speedup = throughput / base
+        same = throughput / bases[", stream batch" if condition.endswith("stream batch") else ""]  # vs its own sampler
         rows.append({
             "condition": condition, "lanes": mine[0]["lanes"], "chunks_per_s": round(throughput, 3),
             "latent_fps": round(throughput * settings.chunk_frames, 2), "speedup": round(speedup, 3),
-            "efficiency_vs_2x": round(speedup / STAGES, 3) if condition != "single" else None,
-            "of_ceiling": round(speedup / ceiling, 3) if condition.startswith("pipeline") else None,
+            "speedup_same_sampler": round(same, 3),
+            "efficiency_vs_2x": round(same / STAGES, 3) if condition not in ("single", "single, stream batch") else None,
+            "of_ceiling": round(same / ceiling, 3) if condition.startswith("pipeline") else None,
             "per_round_chunks_per_s": [round(r["chunks_per_s"], 3) for r in mine],
             "stage_utilisation": [r.get("stage_utilisation") for r in mine] if condition.startswith("pipeline") else None,
             "stage_cpu_share": [r.get("stage_cpu_share") for r in mine] if condition.startswith("pipeline") else None,
@@ -298,14 +307,14 @@ def write_plot(results: dict[str, list[dict]], path: Path) -> None:
     colors = ["#3a7", "#37a", "#a73"]
     for index, (dtype, rows) in enumerate(results.items()):
         xs = [position + (index - (len(results) - 1) / 2) * width for position in range(len(names))]
-        axis.bar(xs, [row["speedup"] for row in rows], width, color=colors[index % len(colors)], label=dtype)
+        axis.bar(xs, [row["speedup_same_sampler"] for row in rows], width, color=colors[index % len(colors)], label=dtype)
         for x, row in zip(xs, rows):
-            axis.text(x, row["speedup"] + 0.03, f"{row['speedup']:.2f}", ha="center", fontsize=8)
+            axis.text(x, row["speedup_same_sampler"] + 0.03, f"{row['speedup_same_sampler']:.2f}", ha="center", fontsize=8)
     axis.set_xticks(range(len(names)), [name.replace(", ", "\n").replace("independent ", "independent\n")
                                          .replace("pipeline ", "pipeline\n") for name in names], fontsize=8)
     axis.axhline(STAGES, color="#c33", linestyle="--", label=f"{STAGES}x (2 stages, ideal)")
     axis.axhline(STAGES * EFFICIENCY_GOAL, color="#e90", linestyle=":", label=f"goal: {EFFICIENCY_GOAL:.0%} of {STAGES}x")
-    axis.set_ylabel("throughput / single process (1 thread)")
+    axis.set_ylabel("throughput / 1 process, same sampler, 1 thread")
     axis.set_title("Pipeline-parallel DiT on 2 CPU cores (2 stages, 1 thread each)")
     axis.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
@@ -340,16 +349,18 @@ def section(dtype: str, rows: list[dict], runs: list[dict], exact: dict) -> list
         f"{['%.1f ms' % t for t in first['stage_call_ms_measured']]}); layers moved while running, per run: "
         f"{[r['layer_moves_while_running'] for r in pipeline_runs]}",
         f"- bit-exact (`torch.equal`) lane 0 of the pipeline vs the single-process engine: {exact}", "",
-        "| condition | lanes | chunks/s | latent FPS | speedup | efficiency vs 2x | of the 2-process ceiling "
+        "| condition | lanes | chunks/s | latent FPS | speedup vs single | speedup vs 1 process, same sampler "
+        "| efficiency vs 2x | of the 2-process ceiling "
         "| per round (chunks/s) | stage utilisation per round | stage CPU share per round | foreign CPU (%) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         efficiency = "" if row["efficiency_vs_2x"] is None else f"{100 * row['efficiency_vs_2x']:.1f}%"
         of_ceiling = "" if row["of_ceiling"] is None else f"{100 * row['of_ceiling']:.1f}%"
         lines.append(
             f"| {row['condition']} | {row['lanes']} | {row['chunks_per_s']:.3f} | {row['latent_fps']:.2f} | "
-            f"{row['speedup']:.3f} | {efficiency} | {of_ceiling} | {row['per_round_chunks_per_s']} | "
+            f"{row['speedup']:.3f} | {row['speedup_same_sampler']:.3f} | {efficiency} | {of_ceiling} | "
+            f"{row['per_round_chunks_per_s']} | "
             f"{row['stage_utilisation'] or ''} | {row['stage_cpu_share'] or ''} | {row['foreign_cpu_percent']} |"
         )
     return lines + [""]
@@ -367,6 +378,35 @@ def fault_section(faults: list[dict]) -> list[str]:
             f"| {fault['on_fault']} | {fault['detected_after_s']} | {fault['rebuild_s']} | {fault['first_chunk_after_kill_s']} | "
             f"{fault['largest_gap_after_s']} | {fault['chunk_numbers_in_order']} | {fault['rebuilt_as']} |"
         )
+    return lines + [""]
+
+
+def quality_of_stream_batch(frames: int) -> dict:
+    """The shipped world model's student at 4 steps, chunk sampler vs stream batch, on the evaluation's script."""
+    from framecast.stream.worldmodel.evaluate import stream_batch_quality
+
+    started = time.perf_counter()
+    rows = stream_batch_quality(frames=frames)
+    return {"frames": frames, "seconds": round(time.perf_counter() - started, 1),
+            "rows": {name: dataclasses.asdict(metrics) for name, metrics in rows.items()}}
+
+
+def quality_section(quality: dict) -> list[str]:
+    lines = [
+        "## What stream batch costs in quality (the shipped world model)", "",
+        f"The student at 4 steps streams the evaluation's script ({quality['frames']} frames, prompt switches every 60 "
+        "frames, random held keys) with each sampler, read back with the world's pixel readers (`framecast eval world`'s "
+        "metrics). Stream batch gets each chunk's controls as far ahead as its control lag, so both are scored on the "
+        "same frames.", "",
+        "| sampler | prompt adherence (%) | action following (%) | agent found (%) | agent shape right (%) "
+        "| switch visible after (frames, mean) | agent jump at a switch (px, mean) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in quality["rows"].items():
+        lines.append(f"| {name.removeprefix('student 4 steps, ')} | {row['prompt_adherence']:.1f} | "
+                     f"{row['action_following']:.1f} | {row['agent_found']:.1f} | "
+                     f"{row['slot_adherence'].get('agent_shape', float('nan')):.1f} | {row['switch_frames_to_visible_mean']:.1f} | "
+                     f"{row['switch_agent_jump_px_mean']:.1f} |")
     return lines + [""]
 
 
@@ -388,14 +428,20 @@ def run_dtype(settings: Settings) -> tuple[list[dict], list[dict], dict]:
     for round_index in range(settings.rounds):
         single = run_single(model, settings)
         runs += [single, run_single(model, settings, threads=2), run_ceiling(model, settings)]
-        for lanes, pin in [(lanes, False) for lanes in settings.lanes] + ([(2, True)] if settings.pinned_run else []):
-            run = run_pipeline(model, settings, lanes, pin)
-            same = all(torch.equal(a, b) for a, b in zip(run["_latents"], single["_latents"]))
+        conditions = [(lanes, False, False) for lanes in settings.lanes] + ([(2, True, False)] if settings.pinned_run else [])
+        if settings.stream_batch:
+            single_batch = run_single(model, settings, stream_batch=True)
+            runs.append(single_batch)
+            conditions.append((1, False, True))
+        for lanes, pin, batch in conditions:
+            run = run_pipeline(model, settings, lanes, pin, stream_batch=batch)
+            reference = single_batch if batch else single
+            same = all(torch.equal(a, b) for a, b in zip(run["_latents"], reference["_latents"]))
             key = run["condition"].removeprefix("pipeline ")
             exact[key] = exact.get(key, True) and same
             runs.append(run)
             print(f"{settings.dtype} round {round_index}: {run['condition']} {run['chunks_per_s']:.3f} chunks/s vs single "
-                  f"{single['chunks_per_s']:.3f} (foreign CPU {run['foreign_cpu_percent']}%)", flush=True)
+                  f"{reference['chunks_per_s']:.3f} (foreign CPU {run['foreign_cpu_percent']}%)", flush=True)
     clean = [{k: v for k, v in run.items() if not k.startswith("_")} for run in runs]
     faults = [run_fault(model, settings, policy, spares) for policy, spares in
               (("local", 0), ("fewer-stages", 0), ("fewer-stages", 1))]
@@ -430,13 +476,18 @@ def main() -> None:
         rows, runs, exact, faults = run_dtype(dataclasses.replace(settings, dtype=dtype))
         results[dtype] = {"summary": rows, "runs": runs, "bit_exact": exact, "faults": faults}
         lines += section(dtype, rows, runs, exact) + fault_section(faults)
+    quality = None
+    if settings.stream_batch:
+        quality = quality_of_stream_batch(300 if settings.quick else 900)
+        lines += quality_section(quality)
     info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     suffix = "-quick" if settings.quick else ""
     args.out.mkdir(parents=True, exist_ok=True)
     settings_json = dataclasses.asdict(settings) | {"dtypes": dtypes}
     settings_json.pop("dtype")
     (args.out / f"pipeline-cpu{suffix}.json").write_text(json.dumps(
-        {"machine": info, "settings": settings_json, "results": results}, indent=2))
+        {"machine": info, "settings": settings_json, "results": results, "stream_batch_quality_world_model": quality},
+        indent=2))
     text = "\n".join(header(settings, info, command.strip()) + lines + FOOTER)
     (args.out / f"pipeline-cpu{suffix}.md").write_text(text)
     write_plot({dtype: result["summary"] for dtype, result in results.items()}, args.out / f"pipeline-cpu{suffix}.png")

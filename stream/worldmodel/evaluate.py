@@ -110,6 +110,19 @@ def evaluate_world(
     return results
 
 
+def stream_batch_quality(
+    folder: Path = WEIGHTS_DIR, frames: int = 900, switch_every: int = 60, seed: int = 10_000, progress: bool = False,
+) -> dict[str, StreamMetrics]:
+    """What stream-batch mode (stream/stream_batch.py) costs the shipped student: 4 steps with the chunk sampler and
+    with the stream-batch sampler, on the same script (each fed its controls as far ahead as its control lag)."""
+    student = WorldModel.load(folder, "student")
+    script = random_script(seed, frames, switch_every)
+    return {
+        f"student 4 steps, {name}": stream_metrics(model_rollout(student, script, STUDENT_STEPS[4], seed, progress, batch))
+        for name, batch in (("chunk sampler", False), ("stream batch", True))
+    }
+
+
 def contact_sheet(samples: dict[str, np.ndarray], path: Path) -> None:
     """One row of frames per model (the same media times), labelled: what the numbers look like."""
     import matplotlib

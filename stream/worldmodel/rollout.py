@@ -67,24 +67,36 @@ def world_rollout(script: StreamScript, seed: int = 0, config: WorldConfig = Wor
 
 def stream_frames(
     model, script: StreamScript, steps: tuple[int, ...], seed: int = 0, progress: bool = False,
+    stream_batch: bool = False,
 ) -> Iterator[np.ndarray]:
-    """Stream `model` (a WorldModel) under the script: decoded uint8 frames [3, 128, 128, 3], chunk by chunk."""
+    """Stream `model` (a WorldModel) under the script: decoded uint8 frames [3, 128, 128, 3], chunk by chunk.
+
+    `stream_batch`: the stream-batch sampler (stream/stream_batch.py), whose controls reach the chunk that enters
+    next, S + 1 chunks after the one handed out; the script is known ahead, so each chunk's controls are given that
+    far ahead and both samplers are scored on the same frames (the first S + 1 chunks take the first chunk's)."""
     if script.frames % CHUNK_FRAMES:
         raise ConfigError(f"a script of {script.frames} frames must be a whole number of {CHUNK_FRAMES}-frame chunks")
-    engine = model.engine(script.settings[0], steps=steps, seed=seed)
+    lead = len(steps) if stream_batch else 0  # chunk c >= S + 1 enters during call c - S
+    engine = model.engine(script.settings[0], steps=steps, seed=seed, stream_batch=stream_batch)
     decoder = model.decoder()
-    for start in tqdm(range(0, script.frames, CHUNK_FRAMES), desc=f"{model.which} {len(steps)} steps",
-                      unit="chunk", disable=not progress):
-        if start and script.settings[start] != script.settings[start - 1]:
-            engine.set_prompt(model.encode(script.settings[start]))
-        engine.set_action(torch.from_numpy(script.actions[start : start + CHUNK_FRAMES]))
+    applied = script.settings[0]
+    for call, start in enumerate(tqdm(range(0, script.frames, CHUNK_FRAMES), desc=f"{model.which} {len(steps)} steps",
+                                      unit="chunk", disable=not progress)):
+        target = start + lead * CHUNK_FRAMES if call else 0
+        if target < script.frames:
+            if script.settings[target] != applied:
+                engine.set_prompt(model.encode(script.settings[target]))
+                applied = script.settings[target]
+            engine.set_action(torch.from_numpy(script.actions[target : target + CHUNK_FRAMES]))
         with torch.inference_mode():
             yield decoder.decode(engine.next_chunk().latents)[0].numpy()
 
 
-def model_rollout(model, script: StreamScript, steps: tuple[int, ...], seed: int = 0, progress: bool = False) -> Rollout:
+def model_rollout(
+    model, script: StreamScript, steps: tuple[int, ...], seed: int = 0, progress: bool = False, stream_batch: bool = False,
+) -> Rollout:
     """The whole stream of `model` under the script, for the evaluation."""
-    frames = np.concatenate(list(stream_frames(model, script, steps, seed, progress)))
+    frames = np.concatenate(list(stream_frames(model, script, steps, seed, progress, stream_batch)))
     return Rollout(frames, script.settings, script.actions)
 
 
