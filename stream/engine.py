@@ -101,6 +101,12 @@ class EngineConfig:
 
             check_rolling_config(self)
 
+    @property
+    def fixed_steps(self) -> bool:
+        """The sampler runs every chunk through all its steps (a rolling window or stream batch: one chunk per step),
+        so a deadline scheduler can degrade only by filling and dropping frames."""
+        return self.rolling_chunks > 1 or self.stream_batch
+
 
 @dataclass(frozen=True)
 class LatentChunk:
