@@ -218,8 +218,9 @@ class DecodeStage:
         self.config = config
         port = config.port or free_port(config.addr)
         context = multiprocessing.get_context("spawn")
-        self.process = context.Process(target=decode_worker_main, args=(DecodeWorkerSpec(recipe, config, port), os.getpid()),
-                                       daemon=True, name=f"decode stage ({config.device})")
+        spec = DecodeWorkerSpec(recipe, config, port)
+        self.process = context.Process(target=decode_worker_main, args=(spec, os.getpid()), daemon=True,
+                                       name=f"decode stage ({config.device})")
         self.process.start()
         self._closed = False
         self._results: queue.Queue = queue.Queue()
@@ -319,9 +320,10 @@ class StagedDecoder:
     no chunk's frames are lost or duplicated. The decoder's carried state cannot be recovered from a dead process:
     the fresh decoder is first fed the newest chunk whose frames were returned (since the last reset; its frames are
     discarded), which restores the frame count rule (after a stream's first chunk the Wan-rule decoders give 4
-    frames per latent) and, for decoders whose state is the last latent frame (the preview decoder), the state
-    itself; for deeper state (VAE feature caches, MemBlocks) the frames after a fault are close to, not equal to,
-    those of an unbroken stream.
+    frames per latent) and, for decoders whose state is a function of the last latent frame alone (the preview
+    decoder; the world decoder's one MemBlock input), the state itself: their frames equal an unbroken stream's. For
+    state that reaches further back (the Wan VAE's feature caches, TAEHV's chained MemBlocks) the frames after a
+    fault are close to, not equal to, those of an unbroken stream.
     """
 
     def __init__(self, recipe: Callable[..., Decoder], config: DecodeStageConfig = DecodeStageConfig()) -> None:
