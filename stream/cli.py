@@ -263,6 +263,7 @@ def video_source(args: argparse.Namespace, decoder: object, chunk_frames: int):
         return None
     if args.decoder != "wan-vae":
         raise ConfigError("--input needs --decoder wan-vae: its encoder turns the input frames into latents")
+    check_family_takes_video(args)
     from framecast.models.vae import WanVAEEncodeStream, load_wan_vae
     from framecast.stream.sources import LatentSource, video_file_frames
 
@@ -619,6 +620,16 @@ def check_session_args(args: argparse.Namespace) -> None:
         check_live_input_args(args)
 
 
+def check_family_takes_video(args: argparse.Namespace) -> None:
+    """Refuse `--input` with a family whose sampler cannot start from input latents (rolling-forcing)."""
+    if getattr(args, "family", None):
+        from framecast.stream.families import family
+
+        if family(args.family).rolling_window:
+            raise ConfigError(f"--input: the {args.family} family's rolling-window sampler takes no video input "
+                              "(its chunks enter the window as pure noise)")
+
+
 def check_live_input_args(args: argparse.Namespace) -> None:
     """Parse `--input` into an InputSpec and refuse what cannot take it; opens the webcam or file once to fail fast."""
     from framecast.stream.live_input import check_input, parse_input
@@ -626,12 +637,7 @@ def check_live_input_args(args: argparse.Namespace) -> None:
     args.input = parse_input(args.input)
     if args.simulator:
         raise ConfigError("--input: the simulator takes no video input (video-to-video needs a Wan-size model)")
-    if getattr(args, "family", None):
-        from framecast.stream.families import family
-
-        if family(args.family).rolling_window:
-            raise ConfigError(f"--input: the {args.family} family's rolling-window sampler takes no video input "
-                              "(its chunks enter the window as pure noise)")
+    check_family_takes_video(args)
     if args.decoder != "wan-vae" or not args.decoder_weights:
         raise ConfigError("--input needs --decoder wan-vae --decoder-weights Wan2.1_VAE.pth: its encoder turns the "
                           "input frames into latents")

@@ -11,6 +11,11 @@ acknowledges every control with the engine chunk index from which it is in effec
 which their replacement took effect). So 1,000 prompt switches within one chunk cost one prompt encoding and one
 recache. While paused the generation thread waits at the boundary and the media clock is shifted by the pause on
 resume, so pts stay continuous and the deadline scheduler sees no lateness.
+
+With a video input (`video`, stream/live_input.py: video-to-video), the generation thread encodes the input frames
+that arrived since the previous chunk just before each chunk it generates and passes their latents to the engine
+(`next_chunk(source=...)`); the encode counts in the chunk's time, so the deadline scheduler sees its cost. The
+warm-up encodes a still gray input, then the encoder starts over.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from framecast.stream.control import (
 )
 from framecast.stream.deadline import Action, DeadlineConfig, DeadlineScheduler, decoder_frame_rule
 from framecast.stream.engine import LatentChunk
+from framecast.stream.live_input import LiveVideo, check_video_input
 from framecast.stream.metrics import StreamMetrics
 from framecast.stream.producer import Decoder, Producer, VideoFrame
 from framecast.stream.relay import Relay
@@ -115,17 +121,36 @@ class _Stopped(Exception):
 
 
 class _SteppedEngine:
-    """The engine as the producer sees it: the client's step cap applied to the scheduler's step lists."""
+    """The engine as the producer sees it: the client's step cap applied to the scheduler's step lists, and the
+    video input's next latents passed along (video-to-video)."""
 
-    def __init__(self, engine: LiveEngine, step_lists: Sequence[tuple[int, ...]]) -> None:
-        self.engine, self.step_lists = engine, tuple(step_lists)
+    def __init__(self, engine: LiveEngine, step_lists: Sequence[tuple[int, ...]], video: LiveVideo | None) -> None:
+        self.engine, self.step_lists, self.video = engine, tuple(step_lists), video
         self.max_steps: int | None = None
 
     def next_chunk(self, steps: Sequence[int] | None = None) -> LatentChunk:
         if self.max_steps is not None and steps is not None and len(steps) > self.max_steps:
             # the best degradation list within the cap (the cheapest one has a single step, so one always fits)
             steps = next(s for s in self.step_lists if len(s) <= self.max_steps)
-        return self.engine.next_chunk(steps)
+        source = None if self.video is None else self.video.next_latents()
+        if source is None:  # no video input, or it closed because the session is closing
+            return self.engine.next_chunk(steps)
+        return self.engine.next_chunk(steps, source=source)
+
+
+class _StillVideoEngine:
+    """The engine as the warm-up sees it with a video input: every chunk encodes a still input first (so the cost
+    model learns the encoder's cost too) without taking live frames; `reset` starts the encoder over as well."""
+
+    def __init__(self, engine: LiveEngine, video: LiveVideo) -> None:
+        self.engine, self.video = engine, video
+
+    def next_chunk(self, steps: Sequence[int] | None = None) -> LatentChunk:
+        return self.engine.next_chunk(steps, source=self.video.still_latents())
+
+    def reset(self) -> None:
+        self.engine.reset()
+        self.video.reset()
 
 
 @dataclass(frozen=True)
@@ -139,7 +164,11 @@ class Session:
     """Owns the engine, the deadline scheduler and the producer; runs them in their own threads once started.
 
     `frames` and `events` are the relays viewers subscribe to (events: JSON text, see stream/control.py). Controls
-    need the session's `token` (viewers without it can only watch).
+    need the session's `token` (viewers without it can only watch). `video`: input video for video-to-video (the
+    session starts and closes it).
+
+    Raises:
+        ConfigError: `video` is given and the engine takes no video input.
     """
 
     def __init__(
@@ -151,8 +180,11 @@ class Session:
         *,
         token: str | None = None,
         session_id: str | None = None,
+        video: LiveVideo | None = None,
     ) -> None:
-        self.engine, self.decoder, self.encode_prompt = engine, decoder, encode_prompt
+        if video is not None:
+            check_video_input(engine)
+        self.engine, self.decoder, self.encode_prompt, self.video = engine, decoder, encode_prompt, video
         self.config = config = config if config is not None else SessionConfig()
         self.id = session_id if session_id is not None else secrets.token_hex(4)
         self.token = token if token is not None else secrets.token_urlsafe(16)
@@ -165,7 +197,7 @@ class Session:
             now=self.time.now,
         )
         self.metrics = StreamMetrics(now=self.time.now, start_s=self.scheduler.clock.start_s)
-        self._stepped = _SteppedEngine(engine, step_lists)
+        self._stepped = _SteppedEngine(engine, step_lists, video)
         self.frames: Relay[VideoFrame] = Relay(config.frame_capacity)
         self.events: Relay[str] = Relay(config.event_capacity)
         self._cond = threading.Condition()
@@ -215,6 +247,8 @@ class Session:
         """Start the generation and pacing threads (once)."""
         if self._threads:
             raise RuntimeError(f"session {self.id} is already started")
+        if self.video is not None:
+            self.video.start()
         self._threads = [
             threading.Thread(target=self._generate, name=f"framecast-session-{self.id}", daemon=True),
             threading.Thread(target=self._pace, name=f"framecast-pacer-{self.id}", daemon=True),
@@ -228,6 +262,8 @@ class Session:
             self._is_stopping = True
             self._cond.notify_all()
         self._stop.set()
+        if self.video is not None:
+            self.video.close()  # wakes a generation thread waiting for input frames
         for thread in self._threads:
             thread.join(timeout_s)
         self.frames.close()
@@ -241,7 +277,8 @@ class Session:
     def _generate(self) -> None:
         try:
             if self.config.warm_up:
-                warm_up(self.engine, self.decoder, self.scheduler)
+                warm_up(self.engine if self.video is None else _StillVideoEngine(self.engine, self.video),
+                        self.decoder, self.scheduler)
             clock = self.scheduler.clock
             clock.restart()
             self.metrics.start_s = clock.start_s
