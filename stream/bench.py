@@ -30,9 +30,9 @@ def degradation_steps(full: tuple[int, ...], *, fixed: bool = False) -> tuple[tu
 
 
 def engine_step_lists(engine) -> tuple[tuple[int, ...], ...]:
-    """The step lists a live engine can run (a rolling-window engine: only its full list)."""
+    """The step lists a live engine can run (a rolling-window or stream-batch engine: only its full list)."""
     config = engine.config
-    return degradation_steps(config.denoising_steps, fixed=getattr(config, "rolling_chunks", 1) > 1)
+    return degradation_steps(config.denoising_steps, fixed=config.fixed_steps)
 
 
 def _busy(stop: multiprocessing.synchronize.Event) -> None:

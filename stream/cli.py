@@ -151,7 +151,8 @@ def run_generate_world(args: argparse.Namespace) -> None:
     sink = VideoFileSink(args.output, fps)
     written, start = 0, time.perf_counter()
     try:
-        for frames in stream_frames(model, script, steps, seed=args.seed, progress=True):
+        for frames in stream_frames(model, script, steps, seed=args.seed, progress=True,
+                                    stream_batch=bool(args.stream_batch)):
             frames = frames[: args.frames - written]
             sink.write(frames)
             written += len(frames)
@@ -163,7 +164,7 @@ def run_generate_world(args: argparse.Namespace) -> None:
 
 
 STREAM_DEFAULTS = dict(chunk_frames=3, denoising_steps=(1000, 750, 500, 250), shift=5.0, cache="rolling",
-                       window_frames=12, sink_frames=3)
+                       window_frames=12, sink_frames=3, stream_batch=False)
 
 
 def add_stream_flags(p: argparse.ArgumentParser) -> None:
@@ -174,6 +175,10 @@ def add_stream_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", choices=[k.value for k in CacheKind], help="rolling (default) or full")
     p.add_argument("--window-frames", type=int, help="frames attended, sinks included (default 12)")
     p.add_argument("--sink-frames", type=int, help="attention-sink frames (default 3)")
+    p.add_argument("--stream-batch", action="store_const", const=True,
+                   help="denoise the steps of successive chunks at once (StreamDiffusionV2's stream batch): one stream "
+                        "keeps every --stages stage busy; controls act S + 1 chunks later and the model sees its past "
+                        "at each step's noise level (a quality cost: see benchmarks/results/pipeline-cpu.md)")
 
 
 def engine_config(args: argparse.Namespace, latent_height: int, latent_width: int) -> EngineConfig:
@@ -497,7 +502,8 @@ def run_bench(args: argparse.Namespace) -> None:
     if uses_world_model(args):
         check_world_args(args)
         model = load_world_model(args)
-        engine, decoder = model.engine(steps=world_steps(args), seed=args.seed), world_decoder(args, model)
+        engine = model.engine(steps=world_steps(args), seed=args.seed, stream_batch=bool(args.stream_batch))
+        decoder = world_decoder(args, model)
     else:
         args.preset = args.preset or "tiny"
         dit = build_model(args, dtype, device).eval()
@@ -667,7 +673,8 @@ def build_session(args: argparse.Namespace, token: str | None = None):
 
         model = load_world_model(args)
         prompt_text = model.prompt_text(args.prompt or DEFAULT_WORLD_PROMPT)
-        engine = model.engine(prompt_text.settings, steps=world_steps(args), seed=args.seed)
+        engine = model.engine(prompt_text.settings, steps=world_steps(args), seed=args.seed,
+                              stream_batch=bool(args.stream_batch))
         return Session(engine, world_decoder(args, model), prompt_text, config, token=token)
     args.preset, args.decoder = args.preset or "tiny", args.decoder or "preview"
     if args.simulator:

@@ -262,3 +262,26 @@ def test_bench_decodes_in_a_decode_stage_process(tmp_path) -> None:
     assert main(argv) == 0
     summary = json.loads((tmp_path / "bench.json").read_text())
     assert summary["frames_at_sink"] >= 16 and summary["deadline"]["frames"] >= 16
+
+
+def test_stream_batch_over_two_stages_writes_exactly_the_one_process_latents(tmp_path) -> None:
+    """--stream-batch: one stream's steps in flight at once; the same latents in one process and over 2 stages, and
+    not those of the chunk sampler."""
+    from safetensors.torch import load_file
+
+    common = ["generate", "--preset", "tiny", "--frames", "17", "--height", "32", "--width", "32", "--dtype", "float32",
+              "--seed", "3"]
+    for name, extra in (("chunk", []), ("one", ["--stream-batch"]), ("two", ["--stream-batch", "--stages", "2"])):
+        assert main([*common, *extra, "--latents-out", str(tmp_path / f"{name}.safetensors")]) == 0
+    chunk, one, two = (load_file(str(tmp_path / f"{name}.safetensors"))["latents"] for name in ("chunk", "one", "two"))
+    assert one.shape == two.shape == chunk.shape and torch.equal(one, two) and not torch.equal(one, chunk)
+
+
+def test_bench_with_stream_batch_degrades_by_frames_only(tmp_path) -> None:
+    import json
+
+    argv = ["bench", "--preset", "tiny", "--stream-batch", "--seconds", "1.0", "--dtype", "float32", "--height", "32",
+            "--width", "32", "--load", "2", "--json", str(tmp_path / "bench.json")]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "bench.json").read_text())
+    assert summary["frames_at_sink"] >= 8 and summary["degradations"]["fewer_steps"] == 0
