@@ -94,12 +94,10 @@ class IngestEndpoint:
     def __init__(self, session: Session, video: LiveVideo, max_message_bytes: int) -> None:
         self.session, self.video, self.max_message_bytes = session, video, max_message_bytes
         self.client: web.WebSocketResponse | None = None
-        self.replaced = 0  # clients closed because a newer one came
 
     async def serve(self, ws: web.WebSocketResponse, peer: str) -> None:
         previous, self.client = self.client, ws
         if previous is not None and not previous.closed:
-            self.replaced += 1
             log.info("session %s: ingest client replaced by %s", self.session.id, peer)
             await previous.close(code=INGEST_REPLACED, message=b"replaced by a newer ingest client")
         config = self.video.frames.config

@@ -232,14 +232,15 @@ def test_bad_pictures_get_errors_on_their_connection_and_the_stream_goes_on() ->
 
 
 def test_a_session_without_video_input_refuses_ingest_and_engines_without_it_refuse_video() -> None:
-    simulator = WorldSimulator(SimulatorConfig())
-
     async def test(server, http, session) -> None:
         response = await http.get(server.make_url(f"/ingest?token={TOKEN}"))
         assert response.status == 409
         assert "takes no websocket video input (start it with --input ws)" in await response.text()
 
-    serve(test, Session(simulator, PixelDecoder(), simulator.encode_prompt, SessionConfig(speed=4.0), token=TOKEN))
+    text_only = make_v2v_session()
+    serve(test, Session(text_only.engine, text_only.decoder, text_only.encode_prompt, SessionConfig(speed=4.0),
+                        token=TOKEN))
+    simulator = WorldSimulator(SimulatorConfig())
     frames = LiveFrames(LiveFramesConfig(width=SIZE, height=SIZE))
     video = LiveVideo(InputSpec(InputKind.WEBSOCKET), frames,
                       LatentSource(WanVAEEncodeStream(tiny_vae()), frames, chunk_frames=3))
