@@ -643,6 +643,8 @@ def check_live_input_args(args: argparse.Namespace) -> None:
     args.input = parse_input(args.input)
     if args.simulator:
         raise ConfigError("--input: the simulator takes no video input (video-to-video needs a Wan-size model)")
+    if getattr(args, "stream_batch", None):
+        raise ConfigError("--input: the stream-batch sampler takes no video input (its chunks enter as pure noise)")
     check_family_takes_video(args)
     if args.decoder != "wan-vae" or not args.decoder_weights:
         raise ConfigError("--input needs --decoder wan-vae --decoder-weights Wan2.1_VAE.pth: its encoder turns the "

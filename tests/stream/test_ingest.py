@@ -280,6 +280,8 @@ NO_VIDEO63 = not os.path.exists("/dev/video63")
         (["serve", "--family", "rolling-forcing", "--weights", "w", "--input", "ws", "--decoder", "wan-vae",
           "--decoder-weights", "v.pth"], "the rolling-forcing family's rolling-window sampler takes no video input"),
         (["serve", "--simulator", "--input", "ws"], "the simulator takes no video input"),
+        (["serve", "--preset", "tiny", "--stream-batch", "--input", "ws"],
+         "the stream-batch sampler takes no video input"),
         (["serve", "--input", "ws"], "--input: the world model streams with its trained settings"),
         (["serve", "--preset", "tiny", "--stages", "2", "--device", "cpu", "--input", "ws"],
          "--stages does not take --family, --input or --simulator"),
