@@ -32,7 +32,7 @@ def degradation_steps(full: tuple[int, ...], *, fixed: bool = False) -> tuple[tu
 def engine_step_lists(engine) -> tuple[tuple[int, ...], ...]:
     """The step lists a live engine can run (a rolling-window or stream-batch engine: only its full list)."""
     config = engine.config
-    return degradation_steps(config.denoising_steps, fixed=config.fixed_steps)
+    return degradation_steps(config.denoising_steps, fixed=getattr(config, "fixed_steps", False))
 
 
 def _busy(stop: multiprocessing.synchronize.Event) -> None:
