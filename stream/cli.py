@@ -74,6 +74,9 @@ def add_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--memory-profile", help="a named device-memory profile of the 1.3B model (e.g. 24gb: bf16, umT5 "
+                   "offloaded to the CPU, TAEHV, 832x480; see stream/memory_profile.py): sets the family, dtype, decoder, "
+                   "size and window, and prints its memory estimate")
     p.set_defaults(run=run_generate)
 
 
@@ -287,7 +290,8 @@ def encode_prompt(args: argparse.Namespace, dit: CausalWanDiT, device: torch.dev
 
         if not args.tokenizer:
             raise ConfigError("--text-encoder needs --tokenizer (the local google/umt5-xxl folder)")
-        encoder = PromptEncoder.from_files(args.text_encoder, args.tokenizer, device=device, placement=Placement.OFFLOAD)
+        placement = getattr(args, "text_encoder_placement", None) or Placement.OFFLOAD
+        encoder = PromptEncoder.from_files(args.text_encoder, args.tokenizer, device=device, placement=placement)
         return encoder.encode([args.prompt])[0].float()
     if args.weights:
         log.warning("--prompt text is hashed, not encoded: real checkpoints need --text-encoder or --prompt-embeds")
@@ -372,9 +376,31 @@ def check_stages(args: argparse.Namespace) -> None:
     stage_placement(args)
 
 
+PROFILE_FLAGS = {"family": None, "dtype": "bfloat16", "decoder": None, "height": 128, "width": 128,
+                 "window_frames": None, "sink_frames": None}  # generate's defaults of what a memory profile sets
+
+
+def apply_memory_profile(args: argparse.Namespace) -> None:
+    """Set what `--memory-profile` names; a flag it sets that was also given with another value is refused."""
+    from framecast.stream.memory_profile import generate_settings, profile_by_name
+
+    profile = profile_by_name(args.memory_profile)  # ConfigError naming the known profiles
+    settings = generate_settings(profile)
+    clashes = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name, default in PROFILE_FLAGS.items()
+               if getattr(args, name) not in (default, getattr(settings, name))]
+    if clashes:
+        raise ConfigError(f"--memory-profile {profile.name} sets {', '.join(PROFILE_FLAGS)}; drop {', '.join(clashes)}")
+    for name in PROFILE_FLAGS:
+        setattr(args, name, getattr(settings, name))
+    args.text_encoder_placement = settings.text_encoder_placement
+    log.info("memory profile %s (estimated, not measured):\n%s", profile.name, profile.describe())
+
+
 def run_generate(args: argparse.Namespace) -> None:
     if args.frames < 1:
         raise ConfigError(f"--frames={args.frames} must be >= 1")
+    if args.memory_profile:
+        apply_memory_profile(args)
     if DTYPES[args.dtype] == torch.float16 and torch.device(args.device).type == "cpu":
         raise ConfigError("--dtype float16 on the CPU is ~50x slower than bfloat16; use bfloat16 or float32")
     check_stages(args)

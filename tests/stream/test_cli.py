@@ -285,3 +285,15 @@ def test_bench_with_stream_batch_degrades_by_frames_only(tmp_path) -> None:
     assert main(argv) == 0
     summary = json.loads((tmp_path / "bench.json").read_text())
     assert summary["frames_at_sink"] >= 8 and summary["degradations"]["fewer_steps"] == 0
+
+
+def test_memory_profile_sets_the_family_and_refuses_a_clash(tmp_path, capsys) -> None:
+    """--memory-profile 24gb names the self-forcing family (whose weights are then asked for), and refuses a flag it
+    sets given with another value; an unknown profile lists the known ones."""
+    out = ["generate", "-o", str(tmp_path / "x.mp4"), "--memory-profile"]
+    assert main([*out, "24gb"]) == 2
+    assert "self-forcing" in capsys.readouterr().err
+    assert main([*out, "24gb", "--height", "64"]) == 2
+    assert "drop --height 64" in capsys.readouterr().err
+    assert main([*out, "48gb"]) == 2
+    assert "24gb" in capsys.readouterr().err
