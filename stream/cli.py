@@ -389,7 +389,11 @@ def apply_memory_profile(args: argparse.Namespace) -> None:
     clashes = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name, default in PROFILE_FLAGS.items()
                if getattr(args, name) not in (default, getattr(settings, name))]
     if clashes:
-        raise ConfigError(f"--memory-profile {profile.name} sets {', '.join(PROFILE_FLAGS)}; drop {', '.join(clashes)}")
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in PROFILE_FLAGS)
+        raise ConfigError(f"--memory-profile {profile.name} sets {flags}; drop {', '.join(clashes)}")
+    if args.stream_batch or args.stages > 1:
+        raise ConfigError(f"--memory-profile {profile.name} estimates one process with the chunk sampler; it does not "
+                          "go with --stream-batch (one cache per step) or --stages")
     for name in PROFILE_FLAGS:
         setattr(args, name, getattr(settings, name))
     args.text_encoder_placement = settings.text_encoder_placement

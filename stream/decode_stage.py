@@ -135,6 +135,7 @@ class DecodeStageConfig:
     port: int | None = None  # None: a free port
     start_timeout_s: float = 60.0  # process start, torch import, decoder build
     decode_timeout_s: float = 10.0  # an awaited chunk's frames later than this: a hung decode process
+    first_decode_timeout_s: float = 120.0  # the first chunk: kernel autotuning (cuDNN) and lazy inits take longer
     idle_timeout_s: float = 24 * 3600.0  # a stream may pause this long between chunks
 
     def __post_init__(self) -> None:
@@ -142,7 +143,7 @@ class DecodeStageConfig:
         check_device(self.fallback_device, "fallback device")
         if not isinstance(self.threads, int) or self.threads < 1:
             raise ConfigError(f"threads={self.threads!r} must be a positive integer")
-        for name in ("start_timeout_s", "decode_timeout_s", "idle_timeout_s"):
+        for name in ("start_timeout_s", "decode_timeout_s", "first_decode_timeout_s", "idle_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be > 0")
 
@@ -223,6 +224,7 @@ class DecodeStage:
                                        name=f"decode stage ({config.device})")
         self.process.start()
         self._closed = False
+        self._answered = False  # no frames received yet: the first chunk gets first_decode_timeout_s
         self._results: queue.Queue = queue.Queue()
         self._receiver: threading.Thread | None = None
         try:
@@ -278,11 +280,12 @@ class DecodeStage:
 
     def result(self) -> Tensor:
         """The oldest submitted chunk's frames, uint8 [B, F', H', W', 3] on the CPU."""
-        deadline = time.monotonic() + self.config.decode_timeout_s
+        limit = self.config.decode_timeout_s if self._answered else self.config.first_decode_timeout_s
         try:
-            packet = wait_watched(self._results, deadline, self.process.is_alive, "waiting for decoded frames")
+            packet = wait_watched(self._results, time.monotonic() + limit, self.process.is_alive, "waiting for decoded frames")
         except StageFailed as error:
             raise StageFailed(f"decode stage on {self.config.device}: {self._detail(error)}") from error
+        self._answered = True
         return packet.tensors[0]
 
     def close(self, graceful: bool = True) -> None:
@@ -334,6 +337,7 @@ class StagedDecoder:
         self.first_latent_frames = self.stage.first_latent_frames
         self.local: Decoder | None = None  # the in-process decoder after a fault
         self.failure: StageFailed | None = None
+        self._fallback_error: Exception | None = None
         self._owed: deque[Tensor | None] = deque()  # what the stage still owes, in order: latents, or None for a reset
         self._decoded: deque[Tensor] = deque()  # frames decoded in this process, not yet returned
         self._newest_returned: Tensor | None = None  # latents of the newest returned chunk since the last reset
@@ -402,6 +406,8 @@ class StagedDecoder:
 
     def _local(self) -> Decoder:
         if self.local is None:
+            if self._fallback_error is not None:  # the fallback decoder could not be built: say why, every time
+                raise RuntimeError(f"no decoder: the in-process fallback failed ({self._fallback_error})")
             raise RuntimeError("the decoder is closed")
         return self.local
 
@@ -419,7 +425,11 @@ class StagedDecoder:
         self.failure = error
         self.stage.close(graceful=False)
         self.stage = None
-        self.local = self.recipe(self.config.fallback_device)
+        try:
+            self.local = self.recipe(self.config.fallback_device)
+        except Exception as build_error:
+            self._fallback_error = build_error
+            raise
         with torch.inference_mode():
             if self._newest_returned is not None:
                 self.local.decode(self._newest_returned)  # its frames were returned already: only the state counts

@@ -129,6 +129,14 @@ class Lane:
             self._steps_for(steps)
         self.step_list = tuple(steps) if steps is not None else None
 
+    def _take_pending(self) -> tuple[tuple[Tensor, SwitchPolicy] | None, Tensor | None, bool]:
+        """The controls given since the last chunk started (prompt and policy, actions, reset), now cleared."""
+        with self._lock:
+            prompt, self._pending_prompt = self._pending_prompt, None
+            actions, self._pending_actions = self._pending_actions, None
+            reset, self._pending_reset = self._pending_reset, False
+        return prompt, actions, reset
+
     def _restart(self) -> None:
         self.ledger.reset()
         self.history.stop = 0
@@ -151,10 +159,7 @@ class Lane:
         """The packets of the next chunk (see the module docstring); `steps` default: `step_list`, else all steps."""
         start = time.perf_counter()
         steps = steps if steps is not None else self.step_list
-        with self._lock:
-            prompt, self._pending_prompt = self._pending_prompt, None
-            actions, self._pending_actions = self._pending_actions, None
-            reset, self._pending_reset = self._pending_reset, False
+        prompt, actions, reset = self._take_pending()
         if actions is not None:
             self.actions = actions
         if reset:

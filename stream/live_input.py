@@ -221,6 +221,10 @@ def decode_ingest_frame(data: bytes, width: int, height: int) -> np.ndarray:
         if (frame_height, frame_width) == (height, width):
             return rgb.copy()
         return resize(av.VideoFrame.from_ndarray(rgb, format="rgb24"), width, height)
+    declared = jpeg_size(payload)  # before decoding: a small file may declare a huge picture
+    if declared != (frame_width, frame_height):
+        raise BadMessage(f"JPEG frame header declares {declared[0]}x{declared[1]}; the message header says "
+                         f"{frame_width}x{frame_height}" if declared else "JPEG frame has no start-of-frame marker")
     try:
         pictures = av.CodecContext.create("mjpeg", "r").decode(av.Packet(payload))
     except (av.error.FFmpegError, ValueError) as error:
@@ -231,6 +235,35 @@ def decode_ingest_frame(data: bytes, width: int, height: int) -> np.ndarray:
     if (picture.width, picture.height) != (frame_width, frame_height):
         raise BadMessage(f"JPEG picture is {picture.width}x{picture.height}; the header says {frame_width}x{frame_height}")
     return resize(picture, width, height)
+
+
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start of frame (baseline, progressive, ...)
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame segment, without decoding; None if there is none."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            at += 2
+            continue
+        length = int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker in _SOF_MARKERS:
+            if at + 9 > len(data):
+                return None
+            height = int.from_bytes(data[at + 5 : at + 7], "big")
+            width = int.from_bytes(data[at + 7 : at + 9], "big")
+            return width, height
+        at += 2 + length
+    return None
 
 
 def pack_ingest_frame(rgb: np.ndarray | None = None, *, jpeg: bytes | None = None, size: tuple[int, int] = (0, 0)) -> bytes:

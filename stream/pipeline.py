@@ -394,6 +394,11 @@ class PipelineStream:
     def chunk_index(self) -> int:
         return self.lane.chunk_index
 
+    @property
+    def controls_reach(self) -> int:
+        """The first chunk a control given now applies to (stream batch: the next to enter, S + 1 chunks ahead)."""
+        return self.lane.controls_reach if self.lane.continuous else self.lane.chunk_index
+
     def next_chunk(self, steps: Sequence[int] | None = None, source: object = None) -> LatentChunk:
         if source is not None:
             raise ConfigError("a pipelined stream takes no video input (video-to-video runs in one process)")

@@ -94,12 +94,16 @@ class IngestEndpoint:
     def __init__(self, session: Session, video: LiveVideo, max_message_bytes: int) -> None:
         self.session, self.video, self.max_message_bytes = session, video, max_message_bytes
         self.client: web.WebSocketResponse | None = None
+        self._closing: set[asyncio.Task] = set()  # replaced clients' closes in flight (held so they finish)
 
     async def serve(self, ws: web.WebSocketResponse, peer: str) -> None:
         previous, self.client = self.client, ws
         if previous is not None and not previous.closed:
             log.info("session %s: ingest client replaced by %s", self.session.id, peer)
-            await previous.close(code=INGEST_REPLACED, message=b"replaced by a newer ingest client")
+            # closed in the background: a dead peer can hold close() for aiohttp's timeout; the new client goes on now
+            closing = asyncio.create_task(previous.close(code=INGEST_REPLACED, message=b"replaced by a newer ingest client"))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
         config = self.video.frames.config
         await ws.send_str(encode("hello", session=self.session.id, width=config.width, height=config.height,
                                  max_bytes=self.max_message_bytes, formats=["rgb", "jpeg"]))

@@ -131,7 +131,8 @@ class _SteppedEngine:
     def next_chunk(self, steps: Sequence[int] | None = None) -> LatentChunk:
         if self.max_steps is not None and steps is not None and len(steps) > self.max_steps:
             # the best degradation list within the cap (the cheapest one has a single step, so one always fits)
-            steps = next(s for s in self.step_lists if len(s) <= self.max_steps)
+            # (a sampler with fixed steps -- rolling window, stream batch -- has only its full list: it keeps it)
+            steps = next((s for s in self.step_lists if len(s) <= self.max_steps), self.step_lists[0])
         source = None if self.video is None else self.video.next_latents()
         if source is None:  # no video input, or it closed because the session is closing
             return self.engine.next_chunk(steps)
@@ -329,7 +330,9 @@ class Session:
 
     def _boundary(self) -> None:
         """At a chunk's media time, before it is made: apply what was submitted, and hold here while paused."""
-        chunk = self.engine.chunk_index  # the next chunk the engine makes: the generator is suspended
+        # the first chunk a control given now reaches: the next one the engine makes (the generator is suspended);
+        # with stream batch, the next to enter its first step slot
+        chunk = getattr(self.engine, "controls_reach", self.engine.chunk_index)
         clock = self.scheduler.clock
         paused_since = None
         while True:

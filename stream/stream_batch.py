@@ -125,8 +125,19 @@ class StaggeredLane(Lane):
         self._next_index = 0  # of the next chunk to enter slot 0
 
     @property
-    def steps_in_flight(self) -> int:
-        return self.memories
+    def controls_reach(self) -> int:
+        """The chunk a control given now first applies to: the next one to enter slot 0."""
+        return self._next_index
+
+    def drop_in_flight(self) -> None:
+        """Forget the chunks in flight and every slot's memory: the stream starts over with the next chunk (whose
+        number follows the last one handed out)."""
+        self.in_flight = [None] * self.memories
+        for slot in self.slots:
+            slot.restart()
+        self._next_index = self.chunk_index = self.delivered + 1
+        with self._lock:
+            self._pending_reset = False
 
     def set_steps(self, steps: Sequence[int] | None) -> None:
         if steps is not None and tuple(steps) != tuple(self.config.denoising_steps):
@@ -141,10 +152,7 @@ class StaggeredLane(Lane):
             yield from self._tick()
 
     def _take_controls(self) -> _Chunk:
-        with self._lock:
-            prompt, self._pending_prompt = self._pending_prompt, None
-            actions, self._pending_actions = self._pending_actions, None
-            reset, self._pending_reset = self._pending_reset, False
+        prompt, actions, reset = self._take_pending()
         if actions is not None:
             self.actions = actions
         switch = None
@@ -227,6 +235,9 @@ class StaggeredLane(Lane):
         gap or a repeat; then the stream goes on."""
         chunk = self.config.chunk_frames
         room = (self.config.window_frames - chunk) // chunk
+        if any(c is not None and (c.reset or c.switch is SwitchPolicy.RESET) for c in self.in_flight):
+            with self._lock:  # a reset that had not reached every slot yet: the next chunk carries it again
+                self._pending_reset = True
         self.in_flight = [None] * self.memories
         for slot_index, slot in enumerate(self.slots):
             kept = [entry for entry in slot.committed if entry.index <= self.delivered][-room:] if room else []
@@ -286,8 +297,17 @@ class StreamBatchEngine:
     def set_action(self, actions: int | Tensor) -> None:
         self.lane.set_action(actions)
 
+    @property
+    def controls_reach(self) -> int:
+        return self.lane.controls_reach
+
     def reset(self) -> None:
-        self.lane.reset()
+        """Start over now: the chunks in flight are dropped (their outputs with them) and every slot forgets."""
+        with self._lock:
+            self.executor.close()  # computed outputs of the dropped chunks
+            self.lane.drop_in_flight()
+            self._program.close()
+            self._program = self.lane.chunk_program()
 
     def reseed(self, seed: int) -> None:
         self.lane.noise = GaussianNoise(seed)

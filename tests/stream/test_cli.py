@@ -297,3 +297,5 @@ def test_memory_profile_sets_the_family_and_refuses_a_clash(tmp_path, capsys) ->
     assert "drop --height 64" in capsys.readouterr().err
     assert main([*out, "48gb"]) == 2
     assert "24gb" in capsys.readouterr().err
+    assert main([*out, "24gb", "--stream-batch"]) == 2
+    assert "does not go with --stream-batch" in capsys.readouterr().err

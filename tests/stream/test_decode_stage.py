@@ -131,7 +131,7 @@ def test_a_killed_decode_process_falls_back_without_losing_or_repeating_a_chunk(
 
 
 def test_a_hung_decode_process_times_out_and_decoding_goes_on_here(caplog) -> None:
-    decoder = StagedDecoder(PREVIEW, DecodeStageConfig(decode_timeout_s=0.5))
+    decoder = StagedDecoder(PREVIEW, DecodeStageConfig(decode_timeout_s=0.5, first_decode_timeout_s=0.5))
     chunks = preview_chunks(2, seed=3)
     process = decoder.stage.process
     try:

@@ -123,6 +123,9 @@ async def next_json(ws: aiohttp.ClientWebSocketResponse) -> dict:
     return json.loads(message.data)
 
 
+SOF_16x16 = b"\xff\xd8\xff\xc0\x00\x11\x08\x00\x10\x00\x10"  # SOI, then a start-of-frame segment for 16x16
+
+
 def jpeg_of(rgb: np.ndarray) -> bytes:
     """JPEG bytes through PIL (an encoder independent of the server's PyAV decoder)."""
     buffer = io.BytesIO()
@@ -188,9 +191,12 @@ def test_bad_pictures_get_errors_on_their_connection_and_the_stream_goes_on() ->
             b"\x02\x01\x10\x00\x10\x00": "frame header version 2; expected 1",
             b"\x01\x07\x10\x00\x10\x00": "frame format code 7",
             b"\x01\x00\x10\x00\x10\x00abc": "raw frame of 3 bytes; 16x16 RGB needs 768",
-            b"\x01\x01\x10\x00\x10\x00not a jpeg": "JPEG frame does not decode",
+            b"\x01\x01\x10\x00\x10\x00not a jpeg": "JPEG frame has no start-of-frame marker",
+            b"\x01\x01\x10\x00\x10\x00" + SOF_16x16 + b"garbage": "JPEG frame does not decode",
             pack_ingest_frame(jpeg=jpeg_of(np.zeros((16, 16, 3), np.uint8)), size=(32, 16)):
-                "JPEG picture is 16x16; the header says 32x16",
+                "JPEG frame header declares 16x16; the message header says 32x16",
+            b"\x01\x01\x10\x00\x10\x00" + b"\xff\xd8\xff\xc0\x00\x11\x08\x3e\x80\x3e\x80":  # claims 16000x16000
+                "JPEG frame header declares 16000x16000; the message header says 16x16",
             b"\x01\x00\x00\x00\x10\x00": "frame size 0x16",
             b"\x01\x00" + bytes(MAX_INGEST_BYTES): f"picture message of {MAX_INGEST_BYTES + 2} bytes; the limit is",
         }

@@ -192,3 +192,42 @@ def test_stream_batch_errors_name_the_problem() -> None:
         engine.next_chunk(source=torch.zeros(1))
     with pytest.raises(ConfigError, match=r"steps=\(1000, 500\): in stream-batch mode"):
         engine.next_chunk(steps=(1000, 500))
+
+
+def test_reset_starts_over_at_once_and_a_fault_keeps_a_reset_in_flight() -> None:
+    """StreamBatchEngine.reset() drops the chunks in flight: the next chunks are those of a fresh engine whose noise
+    starts where this one's is. A pipeline lane's reset travels with its chunk; if a fault drops that chunk before it
+    reached every slot, the next chunk carries the reset again."""
+    engine = StreamEngine(MODEL(), CONFIG, prompt(1))
+    for _ in range(3):
+        engine.next_chunk()
+    engine.reset()
+    state = engine.noise.generator.get_state()
+    after = [engine.next_chunk() for _ in range(3)]
+    assert [chunk.index for chunk in after] == [3, 4, 5] and after[0].first_frame == 0
+    fresh_noise = GaussianNoise(0)
+    fresh_noise.generator.set_state(state)
+    fresh = StreamBatchEngine(MODEL(), CONFIG, prompt(1), fresh_noise)
+    assert all(torch.equal(a.latents, fresh.next_chunk().latents) for a in after)
+
+    lane = engine.lane
+    lane.reset()
+    engine.next_chunk()  # the reset entered slot 0 with the newest chunk, which is still in flight
+    assert lane.in_flight[0].reset and not lane._pending_reset
+    restore = lane.restore_program()
+    next(restore)
+    assert lane._pending_reset
+    restore.close()
+
+
+def test_a_step_cap_keeps_the_full_list_of_a_stream_batch_engine() -> None:
+    """A client's `steps` control caps the scheduler's lists; a stream-batch engine has only its full list, which it
+    keeps (it used to end the session with StopIteration). Its controls reach the next chunk to enter slot 0."""
+    from framecast.stream.bench import engine_step_lists
+    from framecast.stream.session import _SteppedEngine
+
+    engine = StreamEngine(MODEL(), CONFIG, prompt(1))
+    stepped = _SteppedEngine(engine, engine_step_lists(engine), None)
+    stepped.max_steps = 2
+    assert stepped.next_chunk(CONFIG.denoising_steps).index == 0
+    assert engine.chunk_index == 1 and engine.controls_reach == len(CONFIG.denoising_steps) + 1
