@@ -154,7 +154,7 @@ def test_ingest_messages_decode_raw_rgb_and_jpeg() -> None:
     Image.fromarray(np.full((32, 48, 3), (10, 200, 60), np.uint8)).save(buffer, format="JPEG", quality=95)
     picture = decode_ingest_frame(pack_ingest_frame(jpeg=buffer.getvalue(), size=(48, 32)), 24, 16)
     assert picture.shape == (16, 24, 3) and np.abs(picture.astype(int) - (10, 200, 60)).max() <= 3
-    with pytest.raises(BadMessage, match="JPEG frame of 0 bytes holds no picture|JPEG frame does not decode"):
+    with pytest.raises(BadMessage, match="JPEG frame has no start-of-frame marker"):
         decode_ingest_frame(pack_ingest_frame(jpeg=b"", size=(8, 8)), 8, 8)
 
 
