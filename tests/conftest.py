@@ -20,3 +20,13 @@ def load_fixture(name: str) -> dict:
             pytest.fail(message + "; FRAMECAST_REQUIRE_FIXTURES=1 makes this a failure")
         pytest.skip(message)
     return torch.load(path, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """This test process computes like one pipeline stage (1 torch thread): a 2-thread OpenMP pool on a busy 2-core
+    machine stalls on every small op. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
