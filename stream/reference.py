@@ -35,17 +35,11 @@ def reference_stream(
     n, batch = config.chunk_frames, config.batch
     shape = (batch, n, dit.config.in_dim, config.latent_height, config.latent_width)
     text = dit.encode_text((prompt if prompt.ndim == 3 else prompt.unsqueeze(0)).expand(batch, -1, -1))
-    tokens = dit.config.tokens_per_frame(config.latent_height, config.latent_width)
-    windowed = dit.config.attention is AttentionKind.SOFTMAX and config.cache is CacheKind.ROLLING
     context: list[Tensor] = []  # what the context pass saw for each committed chunk
     clean: list[Tensor] = []
     for chunk in range(num_chunks):
         first = chunk * n
-        memory = BlockCausal(
-            dit.config, num_frames=first + n, chunk_frames=n, tokens_per_frame=tokens,
-            window_frames=config.window_frames if windowed else None,
-            sink_frames=config.sink_frames if windowed else 0, device=dit.device,
-        )
+        memory = _chunk_mask(dit, config, first + n)
         frame_actions = actions[:, : first + n] if actions is not None else None
         x = noise.draw(shape, dit.dtype, dit.device)
         for step in steps:
@@ -63,6 +57,18 @@ def reference_stream(
         else:
             context.append(x0)
     return torch.cat(clean, dim=1)
+
+
+def _chunk_mask(dit: CausalWanDiT, config: EngineConfig, num_frames: int) -> BlockCausal:
+    """The chunk sampler's attention over a whole sequence of `num_frames`: block-causal by chunk, within the
+    rolling window (sinks included) where the engine's cache rolls."""
+    windowed = dit.config.attention is AttentionKind.SOFTMAX and config.cache is CacheKind.ROLLING
+    return BlockCausal(
+        dit.config, num_frames=num_frames, chunk_frames=config.chunk_frames,
+        tokens_per_frame=dit.config.tokens_per_frame(config.latent_height, config.latent_width),
+        window_frames=config.window_frames if windowed else None,
+        sink_frames=config.sink_frames if windowed else 0, device=dit.device,
+    )
 
 
 class _Masked:
@@ -184,23 +190,16 @@ def reference_stream_batch(
     """The stream-batch sampler (stream/stream_batch.py) without a cache: chunk c at step i is one call over the
     step-i inputs of chunks 0..c under the block-causal mask (its slot's sequence), all frames at step i's timestep.
     Noise in the program's order: per tick, the entering chunk's noise, then one re-noise draw per slot 1..S-1."""
-    schedule = FlowMatchSchedule(config.shift)
-    steps = schedule.steps(config.denoising_steps, config.warp_steps)
+    steps = FlowMatchSchedule(config.shift).steps(config.denoising_steps, config.warp_steps)
     n, batch, slots = config.chunk_frames, config.batch, len(steps)
     shape = (batch, n, dit.config.in_dim, config.latent_height, config.latent_width)
     text = dit.encode_text((prompt if prompt.ndim == 3 else prompt.unsqueeze(0)).expand(batch, -1, -1))
-    tokens = dit.config.tokens_per_frame(config.latent_height, config.latent_width)
-    windowed = dit.config.attention is AttentionKind.SOFTMAX and config.cache is CacheKind.ROLLING
     inputs: list[list[Tensor]] = [[] for _ in range(slots)]  # inputs[i][c]: chunk c's input at step i
     flows: list[list[Tensor]] = [[] for _ in range(slots)]
 
     def call(slot: int, chunk: int) -> Tensor:
         first = chunk * n
-        memory = BlockCausal(
-            dit.config, num_frames=first + n, chunk_frames=n, tokens_per_frame=tokens,
-            window_frames=config.window_frames if windowed else None,
-            sink_frames=config.sink_frames if windowed else 0, device=dit.device,
-        )
+        memory = _chunk_mask(dit, config, first + n)
         timesteps = torch.full((batch, first + n), steps[slot].timestep)
         frame_actions = actions[:, : first + n] if actions is not None else None
         return dit(torch.cat(inputs[slot][: chunk + 1], dim=1), timesteps, text, memory, frame_actions)[:, first:]

@@ -36,12 +36,8 @@ SIZE = 32  # pixels; 4x4 latents
 MAX_INGEST_BYTES = 16 << 10
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny models are fastest on one thread, and the event loop needs a core
-    yield
-    torch.set_num_threads(threads)
+# the tiny models are fastest on one thread, and the event loop needs a core
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 class RecordingEngine(StreamEngine):

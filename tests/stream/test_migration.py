@@ -13,13 +13,7 @@ from framecast.stream.migration import give_layer, pack, take_layer, unpack
 from framecast.stream.model_source import RandomDiT
 from framecast.stream.stage import Stage, stage_specs
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Stages compute with 1 thread; a 2-thread OpenMP pool on this busy 2-core machine stalls on every small op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 CASES = {

@@ -47,14 +47,7 @@ def reference_lanes() -> list[list[torch.Tensor]]:
     return lanes
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """This process computes like one stage (1 thread): the references, the one-process rebuilds. A 2-thread OpenMP
-    pool on this busy 2-core machine stalls on every small op (seconds for a tiny model)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

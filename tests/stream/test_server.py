@@ -31,12 +31,8 @@ TOKEN = "s3cret"
 TICKS_PER_FRAME = 5625  # 90 kHz at 16 fps
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model is fastest on one thread, and the event loop needs a core
-    yield
-    torch.set_num_threads(threads)
+# the tiny model is fastest on one thread, and the event loop needs a core
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def make_session(**options) -> Session:

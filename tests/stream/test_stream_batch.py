@@ -33,12 +33,7 @@ def prompt(seed: int, tokens: int = 5) -> torch.Tensor:
     return torch.randn(1, tokens, MODEL.config.text_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 CASES = {
