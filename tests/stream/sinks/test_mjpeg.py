@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import numpy as np
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from PIL import Image
@@ -17,7 +18,9 @@ from PIL import Image
 from framecast.stream.session import Session
 from framecast.stream.sinks.jpeg import SharedJpeg
 from framecast.stream.sinks.mjpeg import BOUNDARY, mjpeg_handler
-from tests.stream.test_server import TICKS_PER_FRAME, make_session, one_torch_thread  # noqa: F401 (autouse fixture)
+from tests.stream.test_server import TICKS_PER_FRAME, make_session
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,9 @@ from framecast.models.errors import ConfigError, MissingDependency, SessionClose
 from framecast.stream.producer import VideoFrame
 from framecast.stream.session import Session
 from framecast.stream.sinks.vcam import VirtualCameraSink, VirtualCameraUnavailable, driver_help, open_camera
-from tests.stream.test_server import make_session, one_torch_thread  # noqa: F401 (autouse fixture)
+from tests.stream.test_server import make_session
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 BACKEND = "framecast-recording"
 VIDEO_DEVICES = sorted(glob.glob("/dev/video*"))

@@ -24,7 +24,9 @@ from framecast.stream.sinks.webrtc import (
     SDP_CONTENT_TYPE, WhepConfig, WhepEndpoint, ice_server, pin_ice_host,
 )
 from framecast.stream.whep_client import WhepError, WhepPlayer, whep_url
-from tests.stream.test_server import TOKEN, make_session, one_torch_thread  # noqa: F401 (a fixture)
+from tests.stream.test_server import TOKEN, make_session
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 TICKS_PER_FRAME = 5625  # 90 kHz at 16 fps
 RATE_FPS = 64  # frames per wall second in the rate test (16 fps, 4x): a pace this 2-core machine keeps with VP8
