@@ -34,7 +34,9 @@ from torch import Tensor
 
 from framecast.models.errors import ConfigError
 from framecast.stream.producer import Decoder
-from framecast.stream.wire import Kind, Packet, StageFailed, free_port, open_group, wait_watched, watched
+from framecast.stream.wire import (
+    Kind, Packet, StageFailed, free_port, open_group, receive_forever, wait_watched, watched,
+)
 
 log = logging.getLogger("framecast.decode_stage")
 
@@ -244,20 +246,12 @@ class DecodeStage:
             self.close(graceful=False)
             raise
         self.frames_per_latent, self.first_latent_frames = ready.tensors[0].tolist()
-        self._receiver = threading.Thread(target=self._receive, daemon=True, name="decode stage results")
+        self._receiver = threading.Thread(
+            target=receive_forever, args=(self.group, 1, self._results), daemon=True, name="decode stage results")
         self._receiver.start()
         # a stage left open at interpreter exit: stop its process so that no thread is inside gloo at teardown
         self._at_exit = weakref.finalize(self, _kill_and_join, self.process, self._receiver)
 
-    def _receive(self) -> None:
-        """Receiver thread: frames into a queue, until the group breaks."""
-        while True:
-            try:
-                packet = self.group.recv(1)
-            except BaseException as error:  # noqa: BLE001 - handed to result()
-                self._results.put((False, error))
-                return
-            self._results.put((True, packet))
 
     def _detail(self, error: BaseException) -> str:
         if not self.process.is_alive() and self.process.exitcode is not None:

@@ -20,7 +20,9 @@ from framecast.models.dit import CausalWanDiT
 from framecast.stream.engine import EngineConfig
 from framecast.stream.stage import Stage, stage_specs
 from framecast.stream.stage_worker import WorkerSpec, spare_main, worker_main
-from framecast.stream.wire import Kind, Packet, StageFailed, free_port, open_group, wait_watched, watched
+from framecast.stream.wire import (
+    Kind, Packet, StageFailed, free_port, open_group, receive_forever, wait_watched, watched,
+)
 
 
 class Executor(Protocol):
@@ -174,20 +176,11 @@ class PipelineExecutor:
         except BaseException:
             self.close()
             raise
-        self._receiver = threading.Thread(target=self._receive, daemon=True, name="pipeline results")
+        self._receiver = threading.Thread(  # the last stage's outputs
+            target=receive_forever, args=(self.group, len(specs), self._results), daemon=True, name="pipeline results")
         self._receiver.start()
         # a pipeline left open at interpreter exit: stop its stages so that no thread is inside gloo at teardown
         self._at_exit = weakref.finalize(self, _kill_and_join, self.processes, self._receiver)
-
-    def _receive(self) -> None:
-        """Receiver thread: the last stage's outputs into a queue, until the group breaks."""
-        while True:
-            try:
-                packet = self.group.recv(len(self.specs))
-            except BaseException as error:  # noqa: BLE001 - handed to result()
-                self._results.put((False, error))
-                return
-            self._results.put((True, packet))
 
     def _alive(self) -> bool:
         return all(process.is_alive() for process in self.processes)

@@ -274,3 +274,15 @@ def open_group(
     else:
         raise ConfigError(f"backend={backend!r} must be 'gloo' or 'nccl'")
     return Group(group, rank, size, torch.device(device), frame_bytes=frame_bytes)
+
+
+def receive_forever(group: "Group", source: int, results: queue.Queue) -> None:
+    """A receiver thread's body: packets from rank `source` into `results` as (True, packet), until the group
+    breaks, which ends it with (False, error) for whoever waits on the queue."""
+    while True:
+        try:
+            packet = group.recv(source)
+        except BaseException as error:  # noqa: BLE001 - handed to the waiter
+            results.put((False, error))
+            return
+        results.put((True, packet))
