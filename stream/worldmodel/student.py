@@ -251,21 +251,43 @@ def rollout_loss(
     return float(np.mean(losses)), steps_used
 
 
+def initial_student(teacher: Path, init_from: Path, rebase_from: Path | None) -> dict[str, Tensor]:
+    """The float32 weights a fresh student starts from (see `train_student`)."""
+    weights = load_dit(init_from, dtype=torch.float32).state_dict()
+    if rebase_from is None:
+        return weights
+    new, old = (load_dit(path, dtype=torch.float32).state_dict() for path in (teacher, rebase_from))
+    if new.keys() != weights.keys() or old.keys() != weights.keys() or any(
+        new[k].shape != w.shape or old[k].shape != w.shape for k, w in weights.items()
+    ):
+        raise ConfigError(f"{init_from}, {rebase_from} and {teacher} are not the same DiT: cannot rebase the student")
+    return {k: w + new[k] - old[k] for k, w in weights.items()}
+
+
 def train_student(
     out: Path, settings: StudentSettings = StudentSettings(), max_minutes: float | None = None, seed: int = 0,
-    device: str = "cpu", autoencoder_path: Path = WEIGHTS_DIR / AUTOENCODER_FILE,
+    device: str = "cpu", autoencoder_path: Path = WEIGHTS_DIR / AUTOENCODER_FILE, init_from: Path | None = None,
+    rebase_from: Path | None = None,
 ) -> dict:
     """Distil `out/teacher.safetensors` (resuming from `out` when a state is there); writes `out/student.safetensors`
-    (EMA, bfloat16) at every checkpoint and at the end; returns the history."""
+    (EMA, bfloat16) at every checkpoint and at the end; returns the history.
+
+    A fresh student starts from the teacher's weights, or from `init_from` (an earlier student) when given; with
+    `rebase_from` (the teacher that earlier student was distilled from) it starts from init_from + (teacher -
+    rebase_from): the earlier student's few-step skill carried onto the retrained teacher."""
     clips = LatentClips.load(out / CLIPS_FILE)
     device_ = torch.device(device)
     teacher = load_dit(out / "teacher.safetensors", dtype=torch.bfloat16, device=device_).eval().requires_grad_(False)
     text_encoder = load_text_encoder(out / "text_encoder.safetensors").to(device_).requires_grad_(False)
     locate_agent = AgentLocator(load_autoencoder(autoencoder_path))
     student = load_dit(out / "teacher.safetensors", dtype=torch.float32, device=device_).train()
+    if init_from is not None:
+        student.load_state_dict(initial_student(out / "teacher.safetensors", init_from, rebase_from))
     ema = copy.deepcopy(student).requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=settings.learning_rate, weight_decay=0.0, betas=(0.9, 0.99))
-    history: dict = {"step": [], "loss": [], "steps_used": [], "seconds": [], "settings": asdict(settings)}
+    history: dict = {"step": [], "loss": [], "steps_used": [], "seconds": [], "settings": asdict(settings),
+                     "started_from": "teacher" if init_from is None else
+                     f"{init_from}" + ("" if rebase_from is None else f" + (teacher - {rebase_from})")}
     step, elapsed = 0, 0.0
     rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     state_path = out / STATE_FILE
@@ -323,10 +345,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=StudentSettings.learning_rate)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--init-from", type=Path, help="a fresh student starts from this DiT file (an earlier student)")
+    p.add_argument("--rebase-from", type=Path,
+                   help="the teacher that --init-from was distilled from: start from it + (teacher - this)")
     args = p.parse_args(argv)
+    if args.rebase_from is not None and args.init_from is None:
+        p.error("--rebase-from needs --init-from")
     torch.set_num_threads(args.threads)
     settings = StudentSettings(steps=args.steps, batch=args.batch, learning_rate=args.lr)
-    train_student(args.out, settings, args.max_minutes, device=args.device)
+    train_student(args.out, settings, args.max_minutes, device=args.device, init_from=args.init_from,
+                  rebase_from=args.rebase_from)
 
 
 if __name__ == "__main__":

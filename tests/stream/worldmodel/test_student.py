@@ -7,8 +7,9 @@ from framecast.models.dit import CausalWanDiT
 from framecast.models.memory import KVCache
 from framecast.models.world.latent_clips import LatentClips
 from framecast.models.world.text_encoder import TextEncoderConfig, WorldTextEncoder
+from framecast.models.loading import save_dit
 from framecast.stream.worldmodel.student import (
-    StudentSettings, TrainingWindow, pick_rollout_clips, rollout_loss, teacher_target,
+    StudentSettings, TrainingWindow, initial_student, pick_rollout_clips, rollout_loss, teacher_target,
 )
 from framecast.models.errors import ConfigError
 
@@ -126,3 +127,25 @@ def test_the_agent_locator_finds_the_agent_in_encoded_frames():
     assert (xy[0] - torch.from_numpy(episode.agent_xy).float()).abs().max() < 1.0
     nothing = AgentLocator(autoencoder)(torch.zeros(1, 3, 16, 16, 16))  # a flat frame: no agent, NaN
     assert torch.isnan(nothing).all()
+
+
+def test_a_rebased_student_starts_from_the_earlier_student_plus_the_teachers_change(tmp_path):
+    paths = {}
+    for seed, name in enumerate(("old_teacher", "student", "new_teacher")):
+        paths[name] = tmp_path / f"{name}.safetensors"
+        save_dit(tiny_dit(seed, torch.float32), paths[name])
+    weights = {name: tiny_dit(seed, torch.float32).state_dict() for seed, name in enumerate(paths)}
+    plain = initial_student(paths["new_teacher"], paths["student"], None)
+    rebased = initial_student(paths["new_teacher"], paths["student"], paths["old_teacher"])
+    for key, value in weights["student"].items():
+        assert torch.equal(plain[key], value)
+        expected = value + weights["new_teacher"][key] - weights["old_teacher"][key]
+        torch.testing.assert_close(rebased[key], expected, rtol=0, atol=1e-6)
+    assert any(not torch.equal(rebased[k], plain[k]) for k in plain)
+
+    other = tmp_path / "other.safetensors"
+    torch.manual_seed(9)
+    save_dit(CausalWanDiT(DiTConfig(dim=64, ffn_dim=256, num_heads=2, num_layers=2, text_dim=64, text_len=8,
+                                    num_actions=5)), other)
+    with pytest.raises(ConfigError, match="not the same DiT"):
+        initial_student(paths["new_teacher"], paths["student"], other)
