@@ -50,6 +50,15 @@ def _history(run: Path, state_file: str) -> dict | None:
     return torch.load(path, weights_only=False, map_location="cpu")["history"]
 
 
+def _student_start(history: dict | None) -> str:
+    """What the student's weights started from (older histories predate the record: the teacher)."""
+    started = (history or {}).get("started_from", "teacher")
+    if started == "teacher":
+        return "the teacher"
+    kind = "an earlier student moved by the teacher's change since" if "(teacher -" in started else "an earlier student"
+    return f"{kind}: `{started}`"
+
+
 def _minutes(history: dict | None) -> str:
     return "?" if not history or not history["seconds"] else f"{history['seconds'][-1] / 60:.1f}"
 
@@ -111,7 +120,8 @@ def write_model_card(run: Path, model_dir: Path) -> Path:
         "the look from the new prompt, positions and motion from the context. Flow-matching loss (velocity "
         "noise - x0), AdamW, cosine schedule fitted to the time cap, EMA of the weights.",
         "",
-        "**Student: trajectory distillation on self-rollouts.** The student (initialised from the teacher) streams "
+        "**Student: trajectory distillation on self-rollouts.** The student (initialised from "
+        f"{_student_start(student)}) streams "
         "clips exactly as the engine does: its own few-step sampler with fresh noise between steps (1, 2 or 4 steps "
         "per rollout), a clean context pass of its own output, the clip's actions and prompt switch with re-cache. "
         "Every chunk after the first is therefore conditioned on the student's own past, the exposure-bias fix of "

@@ -38,3 +38,15 @@ def test_the_model_card_is_written_from_what_the_run_has(tmp_path):
     assert "world_teacher.safetensors" in card and "within" in card  # the size budget is checked
     assert "| teacher | 3 |" in card and "run 1 then run 2" in card
     assert (model / "teacher_loss.png").stat().st_size > 0
+
+
+def test_the_model_card_says_what_the_student_started_from(tmp_path):
+    run, model = tmp_path / "run", tmp_path / "model"
+    run.mkdir(), model.mkdir()
+    history = {"step": [1, 2], "loss": [0.2, 0.1], "seconds": [1.0, 2.0]}
+    torch.save({"history": history}, run / "student_state.pt")
+    assert "The student (initialised from the teacher)" in write_model_card(run, model).read_text()
+    history["started_from"] = "runs/old/student.safetensors + (teacher - runs/old/teacher.safetensors)"
+    torch.save({"history": history}, run / "student_state.pt")
+    card = write_model_card(run, model).read_text()
+    assert "moved by the teacher's change since: `runs/old/student.safetensors + (teacher -" in card
