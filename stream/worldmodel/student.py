@@ -43,6 +43,7 @@ from framecast.stream.worldmodel.recipe import (
 from framecast.stream.worldmodel.teacher import CLIPS_FILE, agent_weights, shifted_sigmas, update_ema
 
 STATE_FILE = "student_state.pt"
+TARGET_SAMPLERS = ("renoise", "ode")
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,12 @@ class StudentSettings:
     batch: int = 4
     rollout_chunks: int = 8
     learning_rate: float = 1e-4
-    teacher_substeps: int = 8  # Euler steps of the teacher's ODE from the exit step's sigma to 0
+    # the target: "renoise" continues the exit step's noisy latents with the teacher run as the engine runs it (clean
+    # estimate, fresh noise at the next sigma) on a `teacher_substeps`-step grid; "ode" takes the endpoint of the
+    # teacher's probability-flow ODE (Euler, `teacher_substeps` steps from the exit sigma), which draws the agent's
+    # shape far worse than the teacher's own sampler does (MODEL_CARD.md)
+    target_sampler: str = "renoise"
+    teacher_substeps: int = 8
     step_weights: tuple[float, float, float] = (0.25, 0.25, 0.5)  # how often rollouts use 1, 2, 4 steps
     agent_weight: float = 10.0  # extra loss weight under the agent, found in the decoded target (as the teacher's)
     ema_decay: float = 0.99
@@ -63,6 +69,8 @@ class StudentSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if self.target_sampler not in TARGET_SAMPLERS:
+            raise ConfigError(f"target_sampler={self.target_sampler!r} must be one of {TARGET_SAMPLERS}")
         if len(self.step_weights) != len(STUDENT_STEPS) or min(self.step_weights) < 0 or sum(self.step_weights) <= 0:
             raise ConfigError(f"step_weights={self.step_weights} must be {len(STUDENT_STEPS)} weights >= 0, not all 0")
 
@@ -82,6 +90,25 @@ def teacher_target(
         flow = teacher(x, timesteps, text, memory, actions)
         x = (x.float() + (after - now) * flow.float()).to(teacher.dtype)
     return x.float()
+
+
+def teacher_sample(
+    teacher: CausalWanDiT, x: Tensor, sigma: float, text: TextContext, memory: TrainingWindow, actions: Tensor,
+    substeps: int, generator: torch.Generator,
+) -> Tensor:
+    """Where the teacher's own sampler takes x at `sigma`: a clean estimate, then fresh noise at the next sigma of
+    its `substeps`-step grid (the engine's teacher step list), down to 0. Returns clean latents (float32)."""
+    grid = shifted_sigmas(torch.linspace(1.0, 0.0, substeps + 1, dtype=torch.float64)).tolist()
+    sigmas = [sigma] + [g for g in grid if g < sigma - 1e-9]
+    batch, frames = x.shape[:2]
+    x = x.to(teacher.dtype)
+    for now, after in zip(sigmas[:-1], sigmas[1:]):
+        memory.begin_chunk(frames)
+        timesteps = torch.full((batch, frames), now * 1000, dtype=torch.float32, device=x.device)
+        x0 = x.float() - now * teacher(x, timesteps, text, memory, actions).float()
+        noise = torch.randn(x.shape, generator=generator).to(x.device)
+        x = ((1 - after) * x0 + after * noise).to(teacher.dtype)
+    return x0
 
 
 class TrainingWindow:
@@ -230,7 +257,12 @@ def rollout_loss(
                 x = (1 - step.next_sigma) * x0 + step.next_sigma * torch.randn(shape, generator=generator).to(device)
         step = schedule[exit_step]
         with torch.no_grad():
-            target = teacher_target(teacher, x, step.sigma, theirs.text, theirs.memory, chunk_actions, settings.teacher_substeps)
+            if settings.target_sampler == "ode":
+                target = teacher_target(teacher, x, step.sigma, theirs.text, theirs.memory, chunk_actions,
+                                        settings.teacher_substeps)
+            else:
+                target = teacher_sample(teacher, x, step.sigma, theirs.text, theirs.memory, chunk_actions,
+                                        settings.teacher_substeps, generator)
         mine.memory.begin_chunk(CHUNK_FRAMES)
         with autocast:
             timesteps = torch.full(chunk_actions.shape, step.timestep, device=device)
@@ -343,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=StudentSettings.steps)
     p.add_argument("--batch", type=int, default=StudentSettings.batch)
     p.add_argument("--lr", type=float, default=StudentSettings.learning_rate)
+    p.add_argument("--target", choices=TARGET_SAMPLERS, default=StudentSettings.target_sampler,
+                   help="the teacher's sampler that makes the regression target")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--init-from", type=Path, help="a fresh student starts from this DiT file (an earlier student)")
@@ -352,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.rebase_from is not None and args.init_from is None:
         p.error("--rebase-from needs --init-from")
     torch.set_num_threads(args.threads)
-    settings = StudentSettings(steps=args.steps, batch=args.batch, learning_rate=args.lr)
+    settings = StudentSettings(steps=args.steps, batch=args.batch, learning_rate=args.lr, target_sampler=args.target)
     train_student(args.out, settings, args.max_minutes, device=args.device, init_from=args.init_from,
                   rebase_from=args.rebase_from)
 

@@ -9,7 +9,8 @@ from framecast.models.world.latent_clips import LatentClips
 from framecast.models.world.text_encoder import TextEncoderConfig, WorldTextEncoder
 from framecast.models.loading import save_dit
 from framecast.stream.worldmodel.student import (
-    StudentSettings, TrainingWindow, initial_student, pick_rollout_clips, rollout_loss, teacher_target,
+    StudentSettings, TrainingWindow, initial_student, pick_rollout_clips, rollout_loss, teacher_sample,
+    teacher_target,
 )
 from framecast.models.errors import ConfigError
 
@@ -68,6 +69,28 @@ def test_teacher_target_is_the_euler_ode_of_the_teachers_flow():
     torch.testing.assert_close(one, (x - flow).float(), rtol=0, atol=1e-6)  # one Euler step from sigma 1 lands on x0
     many = teacher_target(dit, x, 0.5, text, TrainingWindow(2, 12, 16), actions, substeps=8)
     assert many.shape == x.shape and torch.isfinite(many).all()
+
+
+def test_teacher_sample_runs_the_teacher_as_the_engine_does_on_its_step_list():
+    from framecast.stream.sampler import FlowMatchSchedule
+    from framecast.stream.worldmodel.recipe import SHIFT, teacher_step_list
+
+    dit = tiny_dit(1)
+    text = dit.encode_text(torch.randn(1, 5, 64, dtype=torch.float64))
+    x = torch.randn(1, 3, 16, 8, 8, dtype=torch.float64)
+    actions = torch.tensor([[1, 2, 3]])
+    sample = teacher_sample(dit, x, 1.0, text, TrainingWindow(2, 12, 16), actions, 4, torch.Generator().manual_seed(3))
+    # the engine's sampler by hand: clean estimate, fresh noise at the next sigma of the teacher's 4-step list
+    generator, expected, noisy = torch.Generator().manual_seed(3), None, x
+    for s in FlowMatchSchedule(SHIFT).steps(teacher_step_list(4)):
+        expected = noisy - s.sigma * step(dit, TrainingWindow(2, 12, 16), noisy, s.timestep, text, actions)
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).double()
+        noisy = (1 - s.next_sigma) * expected + s.next_sigma * noise
+    torch.testing.assert_close(sample, expected.float(), rtol=0, atol=1e-5)
+    # from a lower sigma only the steps below it run: from sigma 0.5 on a 4-step grid (1, .9, .75, .5) one step
+    late = teacher_sample(dit, x, 0.5, text, TrainingWindow(2, 12, 16), actions, 4, torch.Generator().manual_seed(3))
+    one = x - 0.5 * step(dit, TrainingWindow(2, 12, 16), x, 500, text, actions)
+    torch.testing.assert_close(late, one.float(), rtol=0, atol=1e-5)
 
 
 def clips_with_switches(count: int = 12, frames: int = 24) -> LatentClips:
