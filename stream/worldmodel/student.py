@@ -43,7 +43,7 @@ from framecast.stream.worldmodel.recipe import (
 from framecast.stream.worldmodel.teacher import CLIPS_FILE, agent_weights, shifted_sigmas, update_ema
 
 STATE_FILE = "student_state.pt"
-TARGET_SAMPLERS = ("renoise", "ode")
+TARGET_SAMPLERS = ("renoise", "ode", "agent-renoise")
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,9 @@ class StudentSettings:
     # the target: "renoise" continues the exit step's noisy latents with the teacher run as the engine runs it (clean
     # estimate, fresh noise at the next sigma) on a `teacher_substeps`-step grid; "ode" takes the endpoint of the
     # teacher's probability-flow ODE (Euler, `teacher_substeps` steps from the exit sigma), which draws the agent's
-    # shape far worse than the teacher's own sampler does (MODEL_CARD.md)
+    # shape far worse than the teacher's own sampler does (MODEL_CARD.md); "agent-renoise" takes the teacher's
+    # sampler around the agent and the ODE elsewhere (a regression onto a random target blurs what is random in it:
+    # falling rain and snow, which the ODE keeps sharp)
     target_sampler: str = "renoise"
     teacher_substeps: int = 8
     step_weights: tuple[float, float, float] = (0.25, 0.25, 0.5)  # how often rollouts use 1, 2, 4 steps
@@ -223,6 +225,25 @@ class AgentLocator:
         return xy
 
 
+def distillation_target(
+    settings: StudentSettings, teacher: CausalWanDiT, x: Tensor, sigma: float, theirs: Rollout, actions: Tensor,
+    generator: torch.Generator, locate_agent: AgentLocator | None,
+) -> tuple[Tensor, Tensor | None]:
+    """The clean latents the student's estimate at `sigma` is regressed onto (`StudentSettings.target_sampler`), and
+    where the agent is in them when that was read on the way ([B, F, 2], else None)."""
+    args = (teacher, x, sigma, theirs.text, theirs.memory, actions, settings.teacher_substeps)
+    if settings.target_sampler == "ode":
+        return teacher_target(*args), None
+    sample = teacher_sample(*args, generator)
+    if settings.target_sampler == "renoise":
+        return sample, None
+    if locate_agent is None:
+        raise ConfigError("target_sampler='agent-renoise' needs the agent locator (an autoencoder)")
+    xy = locate_agent(sample)
+    near = agent_weights(torch.nan_to_num(xy, nan=-1e6).to(x.device), x.shape[-1], 1.0) > 1  # [B, F, h, w]
+    return torch.where(near[:, :, None], sample, teacher_target(*args)), xy
+
+
 def rollout_loss(
     student: CausalWanDiT, teacher: CausalWanDiT, text_encoder: WorldTextEncoder, clips: LatentClips,
     settings: StudentSettings, rng: np.random.Generator, generator: torch.Generator, device: torch.device,
@@ -257,12 +278,8 @@ def rollout_loss(
                 x = (1 - step.next_sigma) * x0 + step.next_sigma * torch.randn(shape, generator=generator).to(device)
         step = schedule[exit_step]
         with torch.no_grad():
-            if settings.target_sampler == "ode":
-                target = teacher_target(teacher, x, step.sigma, theirs.text, theirs.memory, chunk_actions,
-                                        settings.teacher_substeps)
-            else:
-                target = teacher_sample(teacher, x, step.sigma, theirs.text, theirs.memory, chunk_actions,
-                                        settings.teacher_substeps, generator)
+            target, xy = distillation_target(settings, teacher, x, step.sigma, theirs, chunk_actions, generator,
+                                             locate_agent)
         mine.memory.begin_chunk(CHUNK_FRAMES)
         with autocast:
             timesteps = torch.full(chunk_actions.shape, step.timestep, device=device)
@@ -270,7 +287,7 @@ def rollout_loss(
         x0 = x - step.sigma * flow.float()
         error = ((x0 - target) ** 2).mean(dim=2)  # [B, F, h, w]
         if locate_agent is not None and settings.agent_weight:
-            xy = locate_agent(target)
+            xy = locate_agent(target) if xy is None else xy
             weights = agent_weights(torch.nan_to_num(xy, nan=-1e6).to(device), target.shape[-1], settings.agent_weight)
             error = error * weights  # no agent read (NaN -> far away): weight 1 everywhere
         loss = error.mean()

@@ -9,7 +9,7 @@ from framecast.models.world.latent_clips import LatentClips
 from framecast.models.world.text_encoder import TextEncoderConfig, WorldTextEncoder
 from framecast.models.loading import save_dit
 from framecast.stream.worldmodel.student import (
-    StudentSettings, TrainingWindow, initial_student, pick_rollout_clips, rollout_loss, teacher_sample,
+    Rollout, StudentSettings, TrainingWindow, distillation_target, initial_student, pick_rollout_clips, rollout_loss, teacher_sample,
     teacher_target,
 )
 from framecast.models.errors import ConfigError
@@ -91,6 +91,30 @@ def test_teacher_sample_runs_the_teacher_as_the_engine_does_on_its_step_list():
     late = teacher_sample(dit, x, 0.5, text, TrainingWindow(2, 12, 16), actions, 4, torch.Generator().manual_seed(3))
     one = x - 0.5 * step(dit, TrainingWindow(2, 12, 16), x, 500, text, actions)
     torch.testing.assert_close(late, one.float(), rtol=0, atol=1e-5)
+
+
+def test_the_agent_renoise_target_takes_the_teachers_sample_around_the_agent_and_the_ode_elsewhere():
+    dit = tiny_dit(2)
+    theirs = Rollout(dit)
+    theirs.text = dit.encode_text(torch.randn(1, 5, 64, dtype=torch.float64))
+    x = torch.randn(1, 3, 16, 8, 8, dtype=torch.float64)
+    actions = torch.tensor([[0, 1, 4]])
+    agent_at = torch.tensor([[[20.0, 20.0], [20.0, 20.0], [float("nan")] * 2]])  # not found in the last frame
+    settings = StudentSettings(target_sampler="agent-renoise", teacher_substeps=4)
+    target, xy = distillation_target(settings, dit, x, 0.9, theirs, actions, torch.Generator().manual_seed(5),
+                                     lambda latents: agent_at)
+    sample = teacher_sample(dit, x, 0.9, theirs.text, TrainingWindow(2, 6, 16), actions, 4,
+                            torch.Generator().manual_seed(5))
+    ode = teacher_target(dit, x, 0.9, theirs.text, TrainingWindow(2, 6, 16), actions, 4)
+    near = torch.zeros(1, 3, 8, 8, dtype=torch.bool)
+    near[:, :2, 1:4, 1:4] = True  # latent pixels (8 px each) whose centres are within 13 px of (20, 20)
+    torch.testing.assert_close(target, torch.where(near[:, :, None], sample, ode), rtol=0, atol=0)
+    assert not torch.equal(sample[near[:, :, None].expand_as(sample)], ode[near[:, :, None].expand_as(ode)])
+    assert xy is agent_at
+    with pytest.raises(ConfigError, match="agent locator"):
+        distillation_target(settings, dit, x, 0.9, theirs, actions, torch.Generator(), None)
+    with pytest.raises(ConfigError, match="target_sampler"):
+        StudentSettings(target_sampler="dmd")
 
 
 def clips_with_switches(count: int = 12, frames: int = 24) -> LatentClips:
