@@ -5,12 +5,14 @@ will (few-step sampler with fresh noise between steps, a clean context pass of i
 cache, a prompt switch with recache where the clip switches, the clip's actions), so every chunk after the first is
 conditioned on the student's own past: the exposure-bias fix of Self-Forcing. For each chunk one exit step k of the
 schedule is drawn (Self-Forcing's trick: gradients at one step, the earlier ones run without them); the student's
-clean estimate at step k is regressed onto where the teacher's ODE goes from the same noisy latents, under the same
-(student-made) context, with `teacher_substeps` Euler steps. That target is deterministic given the input, so a
-plain squared error fits it (no critic network as DMD needs: at this size a second network and its updates would
-cost as much as the student's own), and the teacher also answers for the parts of a frame that the context leaves
-open (the first chunk's layout, where rain falls after a switch), which a regression onto recorded ground truth
-would blur. The chunk's output (its context for the next) is the exit step's estimate.
+clean estimate at step k is regressed onto the teacher's answer from the same noisy latents under the same
+(student-made) context (`distillation_target`): around the agent, where the teacher's own sampler takes them; elsewhere
+the endpoint of its ODE. The ODE draws the agent's shape far worse than the sampler, and a regression onto the
+sampler's random answer everywhere blurs falling rain and snow, which the ODE keeps sharp (the model card has the
+A/B). No critic network as DMD needs: at this size a second network and its updates would cost as much as the
+student's own. The teacher also answers for the parts of a frame that the context leaves open (the first chunk's
+layout), which a regression onto recorded ground truth would blur. The chunk's output (its context for the next) is
+the exit step's estimate.
 
     python3 -m framecast.stream.worldmodel.student --out runs/world --max-minutes 30
 """
@@ -58,7 +60,7 @@ class StudentSettings:
     # shape far worse than the teacher's own sampler does (MODEL_CARD.md); "agent-renoise" takes the teacher's
     # sampler around the agent and the ODE elsewhere (a regression onto a random target blurs what is random in it:
     # falling rain and snow, which the ODE keeps sharp)
-    target_sampler: str = "renoise"
+    target_sampler: str = "agent-renoise"
     teacher_substeps: int = 8
     step_weights: tuple[float, float, float] = (0.25, 0.25, 0.5)  # how often rollouts use 1, 2, 4 steps
     agent_weight: float = 10.0  # extra loss weight under the agent, found in the decoded target (as the teacher's)

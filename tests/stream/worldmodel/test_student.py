@@ -9,6 +9,7 @@ from framecast.models.world.latent_clips import LatentClips
 from framecast.models.world.text_encoder import TextEncoderConfig, WorldTextEncoder
 from framecast.models.loading import save_dit
 from framecast.stream.worldmodel.student import (
+    TARGET_SAMPLERS,
     Rollout, StudentSettings, TrainingWindow, distillation_target, initial_student, pick_rollout_clips, rollout_loss, teacher_sample,
     teacher_target,
 )
@@ -136,7 +137,12 @@ def test_rollout_clips_share_their_switch_chunk():
     assert seen == {None, 4}
 
 
-def test_a_self_rollout_gives_a_finite_loss_and_gradients_on_every_layer():
+@pytest.mark.parametrize("target", TARGET_SAMPLERS)
+def test_a_self_rollout_gives_a_finite_loss_and_gradients_on_every_layer(target):
+    from framecast.models.world.autoencoder import load_autoencoder
+    from framecast.stream.worldmodel.recipe import AUTOENCODER_FILE, WEIGHTS_DIR
+    from framecast.stream.worldmodel.student import AgentLocator
+
     world_tiny = TINY
     teacher = tiny_dit(2, torch.float32)
     student = CausalWanDiT(world_tiny).train()
@@ -144,9 +150,10 @@ def test_a_self_rollout_gives_a_finite_loss_and_gradients_on_every_layer():
     text_encoder = WorldTextEncoder(TextEncoderConfig(width=64)).requires_grad_(False)
     clips = clips_with_switches()
     # a 16x16 latent as the world model's; 2 chunks, one rollout
-    settings = StudentSettings(batch=2, rollout_chunks=3, teacher_substeps=2)
+    settings = StudentSettings(batch=2, rollout_chunks=3, teacher_substeps=2, target_sampler=target)
     loss, steps = rollout_loss(student, teacher, text_encoder, clips, settings, np.random.default_rng(0),
-                               torch.Generator().manual_seed(0), torch.device("cpu"))
+                               torch.Generator().manual_seed(0), torch.device("cpu"),
+                               AgentLocator(load_autoencoder(WEIGHTS_DIR / AUTOENCODER_FILE)))
     assert np.isfinite(loss) and loss > 0 and steps in (1, 2, 4)
     for block in student.blocks:
         assert block.self_attn.q.weight.grad is not None and block.self_attn.q.weight.grad.abs().sum() > 0
