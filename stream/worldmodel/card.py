@@ -81,11 +81,13 @@ def _target_text(history: dict | None) -> str:
 
 def _student_start(history: dict | None) -> str:
     """What the student's weights started from (older histories predate the record: the teacher)."""
-    started = (history or {}).get("started_from", "teacher")
-    if started == "teacher":
+    started = (history or {}).get("started_from")
+    if not isinstance(started, dict) or not started.get("init_from"):  # run 6 recorded the plain word "teacher"
         return "the teacher"
-    kind = "an earlier student moved by the teacher's change since" if "(teacher -" in started else "an earlier student"
-    return f"{kind}: `{started}`"
+    if not started.get("rebase_from"):
+        return f"an earlier student: `{started['init_from']}`"
+    return (f"an earlier student moved by the teacher's change since: `{started['init_from']}` + (teacher - "
+            f"`{started['rebase_from']}`)")
 
 
 def _minutes(history: dict | None) -> str:

@@ -38,9 +38,9 @@ from framecast.models.world.autoencoder import WorldAutoencoder, load_autoencode
 from framecast.models.world.ground_truth import read_agent
 from framecast.models.world.latent_clips import LatentClips
 from framecast.models.world.text_encoder import WorldTextEncoder, load_text_encoder
-from framecast.stream.sampler import FlowMatchSchedule, Step, to_clean
+from framecast.stream.sampler import FlowMatchSchedule, Step, renoise, to_clean
 from framecast.stream.worldmodel.recipe import (
-    AUTOENCODER_FILE, CHUNK_FRAMES, SHIFT, STUDENT_STEPS, WEIGHTS_DIR, WINDOW_FRAMES,
+    AUTOENCODER_FILE, CHUNK_FRAMES, SHIFT, STUDENT_STEPS, WEIGHTS_DIR, WINDOW_FRAMES, teacher_step_list,
 )
 from framecast.stream.worldmodel.teacher import CLIPS_FILE, agent_weights, shifted_sigmas, update_ema
 
@@ -102,16 +102,15 @@ def teacher_sample(
 ) -> Tensor:
     """Where the teacher's own sampler takes x at `sigma`: a clean estimate, then fresh noise at the next sigma of
     its `substeps`-step grid (the engine's teacher step list), down to 0. Returns clean latents (float32)."""
-    grid = shifted_sigmas(torch.linspace(1.0, 0.0, substeps + 1, dtype=torch.float64)).tolist()
+    grid = [step.sigma for step in FlowMatchSchedule(SHIFT).steps(teacher_step_list(substeps))] + [0.0]
     sigmas = [sigma] + [g for g in grid if g < sigma - 1e-9]
     batch, frames = x.shape[:2]
     x = x.to(teacher.dtype)
     for now, after in zip(sigmas[:-1], sigmas[1:]):
         memory.begin_chunk(frames)
         timesteps = torch.full((batch, frames), now * 1000, dtype=torch.float32, device=x.device)
-        x0 = x.float() - now * teacher(x, timesteps, text, memory, actions).float()
-        noise = torch.randn(x.shape, generator=generator).to(x.device)
-        x = ((1 - after) * x0 + after * noise).to(teacher.dtype)
+        x0 = to_clean(x.float(), teacher(x, timesteps, text, memory, actions).float(), now)
+        x = renoise(x0, torch.randn(x.shape, generator=generator).to(x.device), after).to(teacher.dtype)
     return x0
 
 
@@ -337,8 +336,8 @@ def train_student(
     ema = copy.deepcopy(student).requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=settings.learning_rate, weight_decay=0.0, betas=(0.9, 0.99))
     history: dict = {"step": [], "loss": [], "steps_used": [], "seconds": [], "settings": asdict(settings),
-                     "started_from": "teacher" if init_from is None else
-                     f"{init_from}" + ("" if rebase_from is None else f" + (teacher - {rebase_from})")}
+                     "started_from": {"init_from": init_from and str(init_from),
+                                      "rebase_from": rebase_from and str(rebase_from)}}
     step, elapsed = 0, 0.0
     rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     state_path = out / STATE_FILE

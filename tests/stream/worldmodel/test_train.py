@@ -49,8 +49,8 @@ def test_the_model_card_says_what_the_student_started_from(tmp_path):
     assert "The student (initialised from the teacher)" in card and "probability-flow ODE" in card
     assert "Around the agent" not in card  # a run from before the target's choice distilled onto the ODE
     history["settings"] = {"target_sampler": "agent-renoise", "teacher_substeps": 8}
-    history["started_from"] = "runs/old/student.safetensors + (teacher - runs/old/teacher.safetensors)"
+    history["started_from"] = {"init_from": "runs/old/student.safetensors", "rebase_from": "runs/old/teacher.safetensors"}
     torch.save({"history": history}, run / "student_state.pt")
     card = write_model_card(run, model).read_text()
-    assert "moved by the teacher's change since: `runs/old/student.safetensors + (teacher -" in card
+    assert "moved by the teacher's change since: `runs/old/student.safetensors` + (teacher - `runs/old/teacher" in card
     assert "Around the agent it is where the teacher's own sampler takes them" in card and "8-step list" in card
