@@ -852,6 +852,8 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--long-frames", type=int, default=EvalSettings.long_frames,
                    help="frames of the drift stream (0: no drift measurement)")
     p.add_argument("--rows", help="comma-separated rows (default: all): " + ", ".join(EvalSettings.rows))
+    p.add_argument("--guidance", type=float, default=EvalSettings.guidance,
+                   help="classifier-free guidance of the guided teacher row (1: leave the row out)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.set_defaults(run=run_eval)
 
@@ -866,7 +868,8 @@ def run_eval(args: argparse.Namespace) -> None:
     unknown = [r for r in rows if r not in EvalSettings.rows]
     if unknown:
         raise ConfigError(f"unknown --rows {unknown}; rows: {', '.join(EvalSettings.rows)}")
-    settings = EvalSettings(frames=args.frames, switch_every=args.switch_every, long_frames=args.long_frames, rows=rows)
+    settings = EvalSettings(frames=args.frames, switch_every=args.switch_every, long_frames=args.long_frames, rows=rows,
+                            guidance=args.guidance)
     main_eval(args.weights or WEIGHTS_DIR, args.out, settings)
 
 

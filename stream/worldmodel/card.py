@@ -72,11 +72,42 @@ TARGET_TEXTS = {
 def _target_text(history: dict | None) -> str:
     """The student's regression target, as its settings name it (older runs predate the choice: the ODE)."""
     settings = (history or {}).get("settings", {})
-    return TARGET_TEXTS[settings.get("target_sampler", "ode")].format(substeps=settings.get("teacher_substeps", 8)) + (
+    guidance = settings.get("guidance", 1.0)
+    guided = "" if guidance == 1 else (
+        f" The teacher's flow in every answer is classifier-free guided at scale {guidance:g}: null + {guidance:g} x "
+        "(prompt - null), the null prompt with a context window of its own fed the same clean chunks (context K/V "
+        "depend on the prompt through every block's cross-attention). Guidance sharpens what the prompt decides, "
+        "the agent's shape above all, which the unguided teacher draws with rounded corners (diamonds and squares "
+        "read as circles); the student learns the guided flow and streams at the cost of one pass.")
+    return TARGET_TEXTS[settings.get("target_sampler", "ode")].format(substeps=settings.get("teacher_substeps", 8)) + guided + (
         " Why not DMD: a second (critic) network and its updates would double a CPU budget that is the constraint "
         "here. Why not regression onto the recorded ground truth: the parts of a frame that the context leaves open "
         "(where the objects are in the first chunk, where rain falls after a switch) would be averaged into blur."
     )
+
+
+def _teacher_text(history: dict | None) -> str:
+    """The teacher's recipe, from the settings in force at its end (a resumed run may have changed them)."""
+    settings = ((history or {}).get("changes") or [history or {}])[-1].get("settings", {})
+    clean, dropout = settings.get("clean_chunk_share", 0.4), settings.get("prompt_dropout", 0.0)
+    text = (
+        "**Teacher: diffusion forcing at chunk granularity.** Each 3-frame chunk of a "
+        f"{settings.get('window_frames', 9)}-frame training window (at a random offset in a clip) gets its own noise "
+        f"level from the shifted schedule, {clean:.0%} of chunks stay clean, and one forward under the engine's "
+        f"block-causal, {WINDOW_FRAMES}-frame windowed mask trains every chunk against every mix of clean and noisy "
+        "context, including the clean context the engine's context pass gives at inference. Teacher forcing would "
+        "train one chunk per clip on clean context only: fewer examples per forward on a CPU budget. Frames shown "
+        "under an earlier prompt than the clip's are clean context without loss, which is what a re-cache after a "
+        "prompt switch asks: the look from the new prompt, positions and motion from the context. Flow-matching loss "
+        "(velocity noise - x0) with extra weight under the agent, AdamW, cosine schedule fitted to the time cap, EMA "
+        "of the weights."
+    )
+    if dropout:
+        text += (f" {dropout:.0%} of samples see the null prompt (all-zero text rows, what Wan pads prompts with), so "
+                 "the teacher also knows the unconditional flow that classifier-free guidance pushes away from.")
+    if len((history or {}).get("changes") or []):
+        text += f" (These settings from step {history['changes'][-1]['step']:,} of the run on; see the run history.)"
+    return text
 
 
 def _student_start(history: dict | None) -> str:
@@ -142,14 +173,7 @@ def write_model_card(run: Path, model_dir: Path) -> Path:
         "Data: episodes of the world with random held keys (the policy `HeldKeys`), a random scene per episode and, in "
         "half of the clips, one prompt switch at a chunk boundary; 24-frame clips encoded once by the autoencoder.",
         "",
-        "**Teacher: diffusion forcing at chunk granularity.** Each 3-frame chunk of a clip gets its own noise level "
-        "from the shifted schedule, 20% of chunks stay clean, and one forward under the engine's block-causal, "
-        "12-frame windowed mask trains every chunk against every mix of clean and noisy context, including the clean "
-        "context the engine's context pass gives at inference. Teacher forcing would train one chunk per clip on "
-        "clean context only: eight times fewer examples per forward on a CPU budget. Frames shown under an earlier "
-        "prompt than the clip's are clean context without loss, which is what a re-cache after a prompt switch asks: "
-        "the look from the new prompt, positions and motion from the context. Flow-matching loss (velocity "
-        "noise - x0), AdamW, cosine schedule fitted to the time cap, EMA of the weights.",
+        _teacher_text(teacher),
         "",
         "**Student: trajectory distillation on self-rollouts.** The student (initialised from "
         f"{_student_start(student)}) streams "
@@ -220,7 +244,7 @@ def write_model_card(run: Path, model_dir: Path) -> Path:
 def _targets(results: dict, speed: dict | None) -> list[str]:
     """The issue's targets against this model's measurements, met or not."""
     rows = results["rows"]
-    student, teacher = rows.get("student 4 steps"), rows.get("teacher 32 steps")
+    student = rows.get("student 4 steps")
     table = ["## Targets", "", "| target | measured | met |", "| --- | --- | :-: |"]
 
     def row(target: str, measured: str, met: bool) -> None:
@@ -236,10 +260,12 @@ def _targets(results: dict, speed: dict | None) -> list[str]:
     if "drift" in results:
         worst = max(abs(results["drift"]["difference"][k]) for k in ("prompt_adherence", "action_following"))
         row("drift <= 3 points (first vs last 500 of 5,000 frames)", f"{worst:.1f} points (largest)", worst <= 3)
-    if student and teacher:
+    teachers = {name: r for name, r in rows.items() if name.startswith("teacher 32 steps")}
+    if student and teachers:  # against every >= 32-step teacher row (plain and guided): the largest shortfall
         keys = ("prompt_adherence", "action_following", "agent_found")
-        gap = max(teacher[k] - student[k] for k in keys)
-        row("4-step student within 3 points of the 32-step teacher", f"{gap:+.1f} points (largest shortfall)", gap <= 3)
+        gap, worst = max((teacher[k] - student[k], name) for name, teacher in teachers.items() for k in keys)
+        row("4-step student within 3 points of the 32-step teacher", f"{gap:+.1f} points (largest shortfall, vs "
+            f"{worst})", gap <= 3)
     if speed:
         fps = speed["throughput"][0]["fps_median"]
         row(">= 30 frames/s end to end at 128x128 (4 steps)", f"{fps:.1f} frames/s", fps >= 30)

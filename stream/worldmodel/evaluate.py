@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,8 +24,10 @@ from framecast.models.world.evaluation import (
 )
 from framecast.stream.model_source import RandomDiT
 from framecast.stream.worldmodel.bundle import WorldModel
-from framecast.stream.worldmodel.recipe import CHUNK_FRAMES, STUDENT_STEPS, WEIGHTS_DIR, WORLD_DIT, teacher_step_list
-from framecast.stream.worldmodel.rollout import model_rollout, random_script, world_rollout
+from framecast.stream.worldmodel.recipe import (
+    CHUNK_FRAMES, GUIDANCE, STUDENT_STEPS, WEIGHTS_DIR, WORLD_DIT, teacher_step_list,
+)
+from framecast.stream.worldmodel.rollout import guided_rollout, model_rollout, random_script, world_rollout
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,11 @@ class EvalSettings:
     drift_window: int = 500
     long_switch_every: int = 150
     seed: int = 10_000  # training clips use episode seeds from 0
-    rows: tuple[str, ...] = ("ground truth", "teacher 32 steps", "teacher 4 steps", "student 4 steps",
-                             "student 2 steps", "student 1 step", "random weights 4 steps")
+    rows: tuple[str, ...] = ("ground truth", "teacher 32 steps guided", "teacher 32 steps", "teacher 4 steps",
+                             "student 4 steps", "student 2 steps", "student 1 step", "random weights 4 steps")
+    # the classifier-free guidance of the "guided" teacher row: the teacher the student distils (the engine streams
+    # without guidance, so that row streams through `guided_rollout`); at 1 the row is left out
+    guidance: float = GUIDANCE
 
     def __post_init__(self) -> None:
         for name in ("frames", "switch_every", "long_switch_every"):
@@ -45,13 +51,15 @@ class EvalSettings:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a multiple of the chunk ({CHUNK_FRAMES})")
         if self.long_frames and self.long_frames < 2 * self.drift_window:
             raise ConfigError(f"long_frames={self.long_frames} must be 0 or >= 2 x drift_window={self.drift_window}")
+        if not 1.0 <= self.guidance <= 10.0:
+            raise ConfigError(f"guidance={self.guidance} must be in [1, 10] (1: no guided row)")
         if self.teacher_steps < 32:
             raise ConfigError(f"teacher_steps={self.teacher_steps}: the teacher is measured at >= 32 steps")
 
 
 def row_model(name: str, student: WorldModel, teacher: WorldModel | None) -> tuple[WorldModel, tuple[int, ...]]:
-    """The model and step list a row names."""
-    kind, count = name.split()[0], int(name.split()[-2])
+    """The model and step list a row names ("<kind> [...] <count> step[s] [guided]")."""
+    kind, count = name.split()[0], int(re.search(r"(\d+) steps?\b", name).group(1))
     if kind == "random":
         dit = RandomDiT(WORLD_DIT, torch.bfloat16, seed=0, action_std=0.02)()
         return dataclasses.replace(student, dit=dit, which="random"), STUDENT_STEPS[4]
@@ -75,9 +83,14 @@ def evaluate_world(
     seconds: dict[str, float] = {}
     samples: dict[str, np.ndarray] = {}
     for name in settings.rows:
+        if name.endswith("guided") and settings.guidance == 1:
+            continue
         started = time.perf_counter()
         if name == "ground truth":
             rollout = world_rollout(script, seed=settings.seed)
+        elif name.endswith("guided"):
+            model, steps = row_model(name, student, teacher)
+            rollout = guided_rollout(model, script, steps, settings.guidance, seed=settings.seed, progress=progress)
         else:
             model, steps = row_model(name, student, teacher)
             rollout = model_rollout(model, script, steps, seed=settings.seed, progress=progress)

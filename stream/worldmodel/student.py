@@ -40,9 +40,9 @@ from framecast.models.world.latent_clips import LatentClips
 from framecast.models.world.text_encoder import WorldTextEncoder, load_text_encoder
 from framecast.stream.sampler import FlowMatchSchedule, Step, renoise, to_clean
 from framecast.stream.worldmodel.recipe import (
-    AUTOENCODER_FILE, CHUNK_FRAMES, SHIFT, STUDENT_STEPS, WEIGHTS_DIR, WINDOW_FRAMES, teacher_step_list,
+    AUTOENCODER_FILE, CHUNK_FRAMES, GUIDANCE, SHIFT, STUDENT_STEPS, WEIGHTS_DIR, WINDOW_FRAMES, teacher_step_list,
 )
-from framecast.stream.worldmodel.teacher import CLIPS_FILE, agent_weights, shifted_sigmas, update_ema
+from framecast.stream.worldmodel.teacher import CLIPS_FILE, agent_weights, null_text, shifted_sigmas, update_ema
 
 STATE_FILE = "student_state.pt"
 TARGET_SAMPLERS = ("renoise", "ode", "agent-renoise")
@@ -62,6 +62,9 @@ class StudentSettings:
     # falling rain and snow, which the ODE keeps sharp)
     target_sampler: str = "agent-renoise"
     teacher_substeps: int = 8
+    # classifier-free guidance of the teacher's flow (1: none): null + scale x (prompt - null), the null prompt being
+    # the one the teacher trained on with `TeacherSettings.prompt_dropout`
+    guidance: float = GUIDANCE
     step_weights: tuple[float, float, float] = (0.25, 0.25, 0.5)  # how often rollouts use 1, 2, 4 steps
     agent_weight: float = 10.0  # extra loss weight under the agent, found in the decoded target (as the teacher's)
     ema_decay: float = 0.99
@@ -73,6 +76,8 @@ class StudentSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if not 1.0 <= self.guidance <= 10.0:
+            raise ConfigError(f"guidance={self.guidance} must be in [1, 10] (1: no guidance)")
         if self.target_sampler not in TARGET_SAMPLERS:
             raise ConfigError(f"target_sampler={self.target_sampler!r} must be one of {TARGET_SAMPLERS}")
         if len(self.step_weights) != len(STUDENT_STEPS) or min(self.step_weights) < 0 or sum(self.step_weights) <= 0:
@@ -195,6 +200,37 @@ class Rollout:
         self.history = (self.history + [(clean.detach(), actions)])[-(WINDOW_FRAMES // CHUNK_FRAMES):]
 
 
+class GuidedTeacher(Rollout):
+    """The teacher's side of a rollout under classifier-free guidance, callable like the DiT: its flow is
+    null + scale x (prompt - null). The null prompt keeps a context window of its own (context K/V depend on the
+    prompt through every block's cross-attention), fed the same clean chunks. Scale 1 is the plain teacher."""
+
+    def __init__(self, dit: CausalWanDiT, scale: float = 1.0) -> None:
+        super().__init__(dit)
+        self.scale = scale
+        self.null = Rollout(dit) if scale != 1.0 else None
+        self.dtype = dit.dtype
+
+    def set_prompt(self, prompt: Tensor, recache: bool) -> None:
+        super().set_prompt(prompt, recache)
+        if self.null is not None:
+            self.null.set_prompt(null_text(prompt), recache)
+
+    def commit(self, clean: Tensor, actions: Tensor) -> None:
+        super().commit(clean, actions)
+        if self.null is not None:
+            self.null.commit(clean, actions)
+
+    def __call__(self, x: Tensor, timesteps: Tensor, text: TextContext, memory: TrainingWindow, actions: Tensor) -> Tensor:
+        flow = self.dit(x, timesteps, text, memory, actions)
+        if self.null is None:
+            return flow
+        self.null.memory.begin_chunk(x.shape[1])
+        compute = torch.promote_types(flow.dtype, torch.float32)  # bf16 flows combine in float32
+        null = self.dit(x, timesteps, self.null.text, self.null.memory, actions).to(compute)
+        return (null + self.scale * (flow.to(compute) - null)).to(flow.dtype)
+
+
 def pick_rollout_clips(clips: LatentClips, batch: int, chunks: int, rng: np.random.Generator) -> tuple[Tensor, int | None]:
     """Clip indices that all switch prompt at the same chunk (or never) within the rollout, and that chunk."""
     frames = chunks * CHUNK_FRAMES
@@ -255,7 +291,7 @@ def rollout_loss(
     schedule: tuple[Step, ...] = FlowMatchSchedule(SHIFT).steps(STUDENT_STEPS[steps_used])
     index, switch_chunk = pick_rollout_clips(clips, settings.batch, settings.rollout_chunks, rng)
     tokens, actions = clips.tokens[index].to(device), clips.actions[index].to(device)
-    mine, theirs = Rollout(student), Rollout(teacher)
+    mine, theirs = Rollout(student), GuidedTeacher(teacher, settings.guidance)
     losses = []
     # bf16 autocast throughout (the context passes included: the engine streams in bf16); losses in float32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bfloat16_autocast)
@@ -279,7 +315,7 @@ def rollout_loss(
                 x = (1 - step.next_sigma) * x0 + step.next_sigma * torch.randn(shape, generator=generator).to(device)
         step = schedule[exit_step]
         with torch.no_grad():
-            target, xy = distillation_target(settings, teacher, x, step.sigma, theirs, chunk_actions, generator,
+            target, xy = distillation_target(settings, theirs, x, step.sigma, theirs, chunk_actions, generator,
                                              locate_agent)
         mine.memory.begin_chunk(CHUNK_FRAMES)
         with autocast:
@@ -395,6 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=StudentSettings.learning_rate)
     p.add_argument("--target", choices=TARGET_SAMPLERS, default=StudentSettings.target_sampler,
                    help="the teacher's sampler that makes the regression target")
+    p.add_argument("--guidance", type=float, default=StudentSettings.guidance,
+                   help="classifier-free guidance scale of the teacher's flow in the target (1: none)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--init-from", type=Path, help="a fresh student starts from this DiT file (an earlier student)")
@@ -404,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.rebase_from is not None and args.init_from is None:
         p.error("--rebase-from needs --init-from")
     torch.set_num_threads(args.threads)
-    settings = StudentSettings(steps=args.steps, batch=args.batch, learning_rate=args.lr, target_sampler=args.target)
+    settings = StudentSettings(steps=args.steps, batch=args.batch, learning_rate=args.lr, target_sampler=args.target,
+                               guidance=args.guidance)
     train_student(args.out, settings, args.max_minutes, device=args.device, init_from=args.init_from,
                   rebase_from=args.rebase_from)
 

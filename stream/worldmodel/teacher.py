@@ -50,6 +50,9 @@ class TeacherSettings:
     weight_decay: float = 0.01
     clean_chunk_share: float = 0.4  # chunks kept clean (context only) besides the pre-switch ones
     agent_weight: float = 10.0  # extra loss weight on the latent pixels under the agent (see `agent_weights`)
+    # share of samples trained on the null prompt (`null_text`), so that the teacher also knows the unconditional
+    # flow that classifier-free guidance pushes away from
+    prompt_dropout: float = 0.15
     ema_decay: float = 0.998
     clip_frames: int = 24  # frames per encoded clip (the data)
     window_frames: int = 9  # frames per training sample: a chunk-aligned window of a clip at a random offset
@@ -67,6 +70,8 @@ class TeacherSettings:
                               f"of the chunk ({CHUNK_FRAMES}), the window no longer than the clip")
         if not 0 <= self.clean_chunk_share < 1 or not 0 < self.ema_decay < 1:
             raise ConfigError("clean_chunk_share must be in [0, 1) and ema_decay in (0, 1)")
+        if not 0 <= self.prompt_dropout < 1:
+            raise ConfigError(f"prompt_dropout={self.prompt_dropout} must be in [0, 1)")
 
 
 def shifted_sigmas(u: Tensor, shift: float = SHIFT) -> Tensor:
@@ -80,6 +85,12 @@ def learning_rate(settings: TeacherSettings, step: int, total: int) -> float:
     progress = min((step - settings.warmup_steps) / max(total - settings.warmup_steps, 1), 1.0)
     share = settings.final_lr_share + (1 - settings.final_lr_share) * 0.5 * (1 + math.cos(math.pi * progress))
     return settings.learning_rate * share
+
+
+def null_text(text_states: Tensor) -> Tensor:
+    """The unconditional prompt: all-zero text-encoder rows, what the DiT sees past the end of every prompt (Wan pads
+    prompts with zero rows), so the null prompt is an empty one rather than a learned token."""
+    return torch.zeros_like(text_states)
 
 
 def agent_weights(agent_xy: Tensor, latent_size: int, extra: float, scale: int = 8, reach_px: float = 13.0) -> Tensor:
@@ -99,9 +110,9 @@ class FlowMatchingLoss:
     """Chunk-level diffusion-forcing flow-matching loss of a DiT + text encoder on a batch of latent clips."""
 
     def __init__(self, frames: int, tokens_per_frame: int, clean_chunk_share: float, device: torch.device,
-                 agent_weight: float = 0.0) -> None:
+                 agent_weight: float = 0.0, prompt_dropout: float = 0.0) -> None:
         self.frames, self.clean_chunk_share, self.device = frames, clean_chunk_share, device
-        self.agent_weight = agent_weight
+        self.agent_weight, self.prompt_dropout = agent_weight, prompt_dropout
         self.memory = BlockCausal(
             WORLD_DIT, num_frames=frames, chunk_frames=CHUNK_FRAMES, tokens_per_frame=tokens_per_frame,
             window_frames=WINDOW_FRAMES, sink_frames=0, device=device,
@@ -127,7 +138,11 @@ class FlowMatchingLoss:
         noise = torch.randn(latents.shape, generator=generator).to(self.device)
         s = sigma[:, :, None, None, None]
         noisy = (1 - s) * latents + s * noise
-        text = dit.encode_text(text_encoder(prompt.to(self.device)))
+        states = text_encoder(prompt.to(self.device))
+        if self.prompt_dropout:
+            dropped = (torch.rand(batch, generator=generator) < self.prompt_dropout).to(self.device)
+            states = torch.where(dropped[:, None, None], null_text(states), states)
+        text = dit.encode_text(states)
         flow = dit(noisy, sigma * 1000, text, self.memory, actions.to(self.device)).float()
         error = ((flow - (noise - latents)) ** 2).mean(dim=2)  # [B, T, h, w]
         if self.agent_weight and agent_xy is not None:
@@ -194,8 +209,11 @@ def train_teacher(
     total = settings.steps
     if max_minutes is not None:
         total = min(total, history.get("planned_steps", total))
+    in_force = (history.get("changes") or [history])[-1]["settings"]
+    if in_force != asdict(settings):  # resumed with changed settings: say from which step
+        history.setdefault("changes", []).append({"step": step, "settings": asdict(settings)})
     loss_fn = FlowMatchingLoss(settings.window_frames, WORLD_DIT.tokens_per_frame(16, 16), settings.clean_chunk_share, device_,
-                               settings.agent_weight)
+                               settings.agent_weight, settings.prompt_dropout)
 
     def checkpoint() -> None:
         torch.save({
@@ -245,7 +263,8 @@ def train_teacher(
             last_checkpoint = time.perf_counter()
     bar.close()
     checkpoint()
-    (out / "teacher_history.json").write_text(json.dumps({k: history[k] for k in ("settings", "planned_steps") if k in history}))
+    (out / "teacher_history.json").write_text(
+        json.dumps({k: history[k] for k in ("settings", "planned_steps", "changes") if k in history}))
     return history
 
 
@@ -263,12 +282,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=TeacherSettings.batch)
     p.add_argument("--clips", type=int, default=TeacherSettings.clips)
     p.add_argument("--lr", type=float, default=TeacherSettings.learning_rate)
+    p.add_argument("--prompt-dropout", type=float, default=TeacherSettings.prompt_dropout,
+                   help="share of samples on the null prompt (for classifier-free guidance)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--init-from", type=Path, help="start from this run folder's teacher and text encoder (fine-tune)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = TeacherSettings(steps=args.steps, batch=args.batch, clips=args.clips, learning_rate=args.lr)
+    settings = TeacherSettings(steps=args.steps, batch=args.batch, clips=args.clips, learning_rate=args.lr,
+                               prompt_dropout=args.prompt_dropout)
     train_teacher(args.out, settings, args.max_minutes, args.device, init_from=args.init_from)
 
 

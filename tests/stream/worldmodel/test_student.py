@@ -203,3 +203,40 @@ def test_a_rebased_student_starts_from_the_earlier_student_plus_the_teachers_cha
                                     num_actions=5)), other)
     with pytest.raises(ConfigError, match="not the same DiT"):
         initial_student(paths["new_teacher"], paths["student"], other)
+
+
+def test_guided_teacher_is_null_plus_scale_times_prompt_minus_null_each_with_its_own_context():
+    from framecast.stream.worldmodel.student import GuidedTeacher
+    from framecast.stream.worldmodel.teacher import null_text
+
+    dit = tiny_dit(4)
+    prompt = torch.randn(1, 5, 64, dtype=torch.float64)
+    guided, plain = GuidedTeacher(dit, 3.0), GuidedTeacher(dit, 1.0)
+    by_hand = {name: Rollout(dit) for name in ("prompt", "null")}
+    for rollout in (guided, plain):
+        rollout.set_prompt(prompt, recache=False)
+    by_hand["prompt"].set_prompt(prompt, recache=False)
+    by_hand["null"].set_prompt(null_text(prompt), recache=False)
+    actions = torch.tensor([[0, 3, 4]])
+    for chunk in range(3):  # context builds up in both windows; a switch at chunk 2 recaches both
+        if chunk == 2:
+            prompt = torch.randn(1, 5, 64, dtype=torch.float64)
+            for rollout in (guided, plain):
+                rollout.set_prompt(prompt, recache=True)
+            by_hand["prompt"].set_prompt(prompt, recache=True)
+            by_hand["null"].set_prompt(null_text(prompt), recache=True)
+        x = torch.randn(1, 3, 16, 8, 8, dtype=torch.float64)
+        flows = {name: step(dit, r.memory, x, 600, r.text, actions) for name, r in by_hand.items()}
+        guided.memory.begin_chunk(3)
+        torch.testing.assert_close(guided(x, torch.full((1, 3), 600.0), guided.text, guided.memory, actions),
+                                   flows["null"] + 3.0 * (flows["prompt"] - flows["null"]), rtol=0, atol=1e-10)
+        plain.memory.begin_chunk(3)
+        torch.testing.assert_close(plain(x, torch.full((1, 3), 600.0), plain.text, plain.memory, actions),
+                                   flows["prompt"], rtol=0, atol=0)
+        assert not torch.allclose(flows["null"], flows["prompt"])
+        clean = torch.randn(1, 3, 16, 8, 8, dtype=torch.float64)
+        for rollout in (guided, plain, *by_hand.values()):
+            rollout.commit(clean, actions)
+    assert guided.null.memory.committed_frames == guided.memory.committed_frames == 9
+    with pytest.raises(ConfigError, match="guidance"):
+        StudentSettings(guidance=0.5)

@@ -100,3 +100,25 @@ def test_agent_weights_mark_the_latent_pixels_under_the_agent():
     assert (weights[0, 1] > 1).sum() == 6  # at the top edge: 2 rows x 3 columns
     far = agent_weights(torch.full((1, 1, 2), -1e6), 16, 10.0)  # no agent: weight 1 everywhere
     assert (far == 1).all()
+
+
+def test_prompt_dropout_trains_those_samples_on_the_null_prompt():
+    from framecast.stream.worldmodel.teacher import null_text
+
+    torch.manual_seed(0)
+    dit = CausalWanDiT(TINY).double()
+    text_encoder = WorldTextEncoder(TextEncoderConfig(width=64)).double()
+    latents = torch.randn(2, 6, 16, 8, 8, dtype=torch.float64)
+    actions = torch.zeros(2, 6, dtype=torch.long)
+    prompts = [torch.full((2, 6, 5), k, dtype=torch.long) for k in (0, 1)]
+
+    def loss(dropout: float, tokens: torch.Tensor) -> float:
+        loss_fn = FlowMatchingLoss(6, 16, clean_chunk_share=0.0, device=torch.device("cpu"), prompt_dropout=dropout)
+        return loss_fn(dit, text_encoder, latents, actions, tokens, torch.Generator().manual_seed(4)).item()
+
+    # every sample dropped (a share just under 1): the prompt cannot matter; none dropped: it does
+    assert loss(0.999999, prompts[0]) == pytest.approx(loss(0.999999, prompts[1]), rel=1e-9)
+    assert loss(0.0, prompts[0]) != pytest.approx(loss(0.0, prompts[1]), rel=1e-6)
+    assert torch.equal(null_text(torch.ones(1, 5, 64)), torch.zeros(1, 5, 64))
+    with pytest.raises(ConfigError, match="prompt_dropout"):
+        TeacherSettings(prompt_dropout=1.0)
