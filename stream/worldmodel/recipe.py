@@ -31,7 +31,7 @@ STUDENT_STEPS = {1: (1000,), 2: (1000, 500), 4: (1000, 750, 500, 250)}
 TEACHER_STEPS = 32
 # classifier-free guidance of the teacher in the student's distillation target (and the eval's guided teacher row):
 # the teacher trains with the null prompt on `TeacherSettings.prompt_dropout` of its samples
-GUIDANCE = 1.0
+GUIDANCE = 1.5
 
 
 def teacher_step_list(steps: int = TEACHER_STEPS) -> tuple[int, ...]:
