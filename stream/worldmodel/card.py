@@ -79,7 +79,8 @@ def _target_text(history: dict | None) -> str:
         "depend on the prompt through every block's cross-attention). Guidance sharpens what the prompt decides: "
         "run 7's teacher streaming the eval script at 8 steps read 74.4% of frames fully right unguided (weather "
         "81.7%, the agent's shape 89.6%, drawn with rounded corners: diamonds and squares read as circles) and 91.7% "
-        "guided at 1.5 (weather 100%, shape 91.7%); at 2 and 3 it washed out the time of day and the weather. The "
+        "guided at 1.5 (weather 100%, shape 91.7%), 92.4% at 1.25 and 91.3% at 2 (probed early in the run, after "
+        "~600 null-prompt steps, 2 and 3 washed out the time of day and the weather). The "
         "student learns the guided flow and streams at the cost of one pass.")
     return TARGET_TEXTS[settings.get("target_sampler", "ode")].format(substeps=settings.get("teacher_substeps", 8)) + guided + (
         " Why not DMD: a second (critic) network and its updates would double a CPU budget that is the constraint "
