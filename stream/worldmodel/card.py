@@ -108,7 +108,7 @@ def _teacher_text(history: dict | None) -> str:
     if dropout:
         text += (f" {dropout:.0%} of samples see the null prompt (all-zero text rows, what Wan pads prompts with), so "
                  "the teacher also knows the unconditional flow that classifier-free guidance pushes away from.")
-    if len((history or {}).get("changes") or []):
+    if (history or {}).get("changes"):
         text += f" (These settings from step {history['changes'][-1]['step']:,} of the run on; see the run history.)"
     return text
 

@@ -90,7 +90,7 @@ def evaluate_world(
             rollout = world_rollout(script, seed=settings.seed)
         elif name.endswith("guided"):
             model, steps = row_model(name, student, teacher)
-            rollout = guided_rollout(model, script, steps, settings.guidance, seed=settings.seed, progress=progress)
+            rollout = guided_rollout(model, script, len(steps), settings.guidance, seed=settings.seed, progress=progress)
         else:
             model, steps = row_model(name, student, teacher)
             rollout = model_rollout(model, script, steps, seed=settings.seed, progress=progress)

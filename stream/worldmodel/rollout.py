@@ -101,36 +101,30 @@ def model_rollout(
 
 
 def guided_rollout(
-    model, script: StreamScript, steps: tuple[int, ...], scale: float, seed: int = 0, progress: bool = False,
+    model, script: StreamScript, steps: int, scale: float, seed: int = 0, progress: bool = False,
 ) -> Rollout:
-    """The stream of `model` under classifier-free guidance (`student.GuidedTeacher`), which the engine does not run:
-    the same chunks, rolling window (the training window, proven equal to the engine's cache in
-    tests/stream/worldmodel/test_student.py), sampler (clean estimate, fresh noise at the next sigma), recache at a
-    switch and decoder as `stream_frames`; its own noise stream."""
-    from framecast.stream.sampler import FlowMatchSchedule, renoise, to_clean
-    from framecast.stream.worldmodel.recipe import LATENT_SIZE, SHIFT
-    from framecast.stream.worldmodel.student import GuidedTeacher
+    """The stream of `model` at `steps` steps (`teacher_step_list`) under classifier-free guidance
+    (`student.GuidedTeacher`), which the engine does not run: the same chunks, rolling window (the training window,
+    proven equal to the engine's cache in tests/stream/worldmodel/test_student.py), sampler (`student.teacher_sample`:
+    clean estimate, fresh noise at the next sigma), recache at a switch and decoder as `stream_frames`; its own noise."""
+    from framecast.stream.worldmodel.recipe import LATENT_SIZE
+    from framecast.stream.worldmodel.student import GuidedTeacher, teacher_sample
 
     if script.frames % CHUNK_FRAMES:
         raise ConfigError(f"a script of {script.frames} frames must be a whole number of {CHUNK_FRAMES}-frame chunks")
     guided, decoder = GuidedTeacher(model.dit, scale), model.decoder()
-    schedule = FlowMatchSchedule(SHIFT).steps(steps)
     generator = torch.Generator().manual_seed(seed)
-    channels = model.autoencoder.config.latent_channels
+    shape = (1, CHUNK_FRAMES, model.autoencoder.config.latent_channels, LATENT_SIZE, LATENT_SIZE)
     chunks = []
-    for start in tqdm(range(0, script.frames, CHUNK_FRAMES), desc=f"{model.which} {len(steps)} steps x{scale:g}",
+    for start in tqdm(range(0, script.frames, CHUNK_FRAMES), desc=f"{model.which} {steps} steps x{scale:g}",
                       unit="chunk", disable=not progress):
         if not start or script.settings[start] != script.settings[start - 1]:
             guided.set_prompt(model.encode(script.settings[start]).to(model.dit.dtype), recache=start > 0)
         actions = torch.from_numpy(script.actions[start : start + CHUNK_FRAMES])[None]
-        x = torch.randn(1, CHUNK_FRAMES, channels, LATENT_SIZE, LATENT_SIZE, generator=generator).to(model.dit.dtype)
         with torch.inference_mode():
-            for step in schedule:
-                guided.memory.begin_chunk(CHUNK_FRAMES)
-                timesteps = torch.full(actions.shape, step.timestep, dtype=torch.float32)
-                x0 = to_clean(x, guided(x, timesteps, guided.text, guided.memory, actions), step.sigma)
-                x = renoise(x0, torch.randn(x.shape, generator=generator).to(x.dtype), step.next_sigma)
-            guided.commit(x0, actions)
+            x0 = teacher_sample(guided, torch.randn(shape, generator=generator), 1.0, guided.text, guided.memory,
+                                actions, steps, generator)
+            guided.commit(x0.to(model.dit.dtype), actions)
             chunks.append(decoder.decode(x0)[0].numpy())
     return Rollout(np.concatenate(chunks), script.settings, script.actions)
 

@@ -10,7 +10,8 @@ clean estimate at step k is regressed onto the teacher's answer from the same no
 the endpoint of its ODE. The ODE draws the agent's shape far worse than the sampler, and a regression onto the
 sampler's random answer everywhere blurs falling rain and snow, which the ODE keeps sharp (the model card has the
 A/B). The teacher's flow in both is classifier-free guided (`GuidedTeacher`, `StudentSettings.guidance`): at 1.5 its
-8-step stream reads the weather and the agent's shape right where the plain teacher's does not (MODEL_CARD.md). No critic network as DMD needs: at this size a second network and its updates would cost as much as the
+8-step stream reads the weather and the agent's shape right where the plain teacher's does not (MODEL_CARD.md).
+No critic network as DMD needs: at this size a second network and its updates would cost as much as the
 student's own. The teacher also answers for the parts of a frame that the context leaves open (the first chunk's
 layout), which a regression onto recorded ground truth would blur. The chunk's output (its context for the next) is
 the exit step's estimate.
@@ -86,7 +87,8 @@ class StudentSettings:
 
 
 def teacher_target(
-    teacher: CausalWanDiT, x: Tensor, sigma: float, text: TextContext, memory: TrainingWindow, actions: Tensor,
+    teacher: CausalWanDiT | GuidedTeacher, x: Tensor, sigma: float, text: TextContext, memory: TrainingWindow,
+    actions: Tensor,
     substeps: int,
 ) -> Tensor:
     """Where the teacher's probability-flow ODE goes from x at `sigma` (Euler, shifted spacing): clean latents."""
@@ -103,7 +105,8 @@ def teacher_target(
 
 
 def teacher_sample(
-    teacher: CausalWanDiT, x: Tensor, sigma: float, text: TextContext, memory: TrainingWindow, actions: Tensor,
+    teacher: CausalWanDiT | GuidedTeacher, x: Tensor, sigma: float, text: TextContext, memory: TrainingWindow,
+    actions: Tensor,
     substeps: int, generator: torch.Generator,
 ) -> Tensor:
     """Where the teacher's own sampler takes x at `sigma`: a clean estimate, then fresh noise at the next sigma of
@@ -264,12 +267,12 @@ class AgentLocator:
 
 
 def distillation_target(
-    settings: StudentSettings, teacher: CausalWanDiT, x: Tensor, sigma: float, theirs: Rollout, actions: Tensor,
+    settings: StudentSettings, theirs: GuidedTeacher, x: Tensor, sigma: float, actions: Tensor,
     generator: torch.Generator, locate_agent: AgentLocator | None,
 ) -> tuple[Tensor, Tensor | None]:
     """The clean latents the student's estimate at `sigma` is regressed onto (`StudentSettings.target_sampler`), and
     where the agent is in them when that was read on the way ([B, F, 2], else None)."""
-    args = (teacher, x, sigma, theirs.text, theirs.memory, actions, settings.teacher_substeps)
+    args = (theirs, x, sigma, theirs.text, theirs.memory, actions, settings.teacher_substeps)
     if settings.target_sampler == "ode":
         return teacher_target(*args), None
     sample = teacher_sample(*args, generator)
@@ -316,7 +319,7 @@ def rollout_loss(
                 x = (1 - step.next_sigma) * x0 + step.next_sigma * torch.randn(shape, generator=generator).to(device)
         step = schedule[exit_step]
         with torch.no_grad():
-            target, xy = distillation_target(settings, theirs, x, step.sigma, theirs, chunk_actions, generator,
+            target, xy = distillation_target(settings, theirs, x, step.sigma, chunk_actions, generator,
                                              locate_agent)
         mine.memory.begin_chunk(CHUNK_FRAMES)
         with autocast:

@@ -124,16 +124,15 @@ def test_a_guided_stream_is_seeded_decoded_and_steered_by_its_scale() -> None:
     import torch
 
     from framecast.stream.worldmodel.bundle import WorldModel
-    from framecast.stream.worldmodel.recipe import STUDENT_STEPS
     from framecast.stream.worldmodel.rollout import guided_rollout
 
     torch.set_num_threads(1)
     model = WorldModel.load(which="teacher")
     script = random_script(3, 9, 6)  # a switch at frame 6: the second prompt recaches both windows
-    runs = [guided_rollout(model, script, STUDENT_STEPS[2], scale, seed=1) for scale in (1.0, 1.0, 3.0)]
+    runs = [guided_rollout(model, script, 2, scale, seed=1) for scale in (1.0, 1.0, 3.0)]
     assert runs[0].frames.shape == (9, 128, 128, 3) and runs[0].frames.dtype == np.uint8
     assert runs[0].settings == script.settings
     assert np.array_equal(runs[0].frames, runs[1].frames)
     assert not np.array_equal(runs[0].frames, runs[2].frames)
     with pytest.raises(ConfigError, match="whole number"):
-        guided_rollout(model, StreamScript(script.settings[:4], script.actions[:4]), STUDENT_STEPS[2], 1.0)
+        guided_rollout(model, StreamScript(script.settings[:4], script.actions[:4]), 2, 1.0)

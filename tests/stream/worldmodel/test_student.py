@@ -10,7 +10,7 @@ from framecast.models.world.text_encoder import TextEncoderConfig, WorldTextEnco
 from framecast.models.loading import save_dit
 from framecast.stream.worldmodel.student import (
     TARGET_SAMPLERS,
-    Rollout, StudentSettings, TrainingWindow, distillation_target, initial_student, pick_rollout_clips, rollout_loss, teacher_sample,
+    GuidedTeacher, Rollout, StudentSettings, TrainingWindow, distillation_target, initial_student, pick_rollout_clips, rollout_loss, teacher_sample,
     teacher_target,
 )
 from framecast.models.errors import ConfigError
@@ -96,13 +96,13 @@ def test_teacher_sample_runs_the_teacher_as_the_engine_does_on_its_step_list():
 
 def test_the_agent_renoise_target_takes_the_teachers_sample_around_the_agent_and_the_ode_elsewhere():
     dit = tiny_dit(2)
-    theirs = Rollout(dit)
+    theirs = GuidedTeacher(dit)  # scale 1: the plain teacher
     theirs.text = dit.encode_text(torch.randn(1, 5, 64, dtype=torch.float64))
     x = torch.randn(1, 3, 16, 8, 8, dtype=torch.float64)
     actions = torch.tensor([[0, 1, 4]])
     agent_at = torch.tensor([[[20.0, 20.0], [20.0, 20.0], [float("nan")] * 2]])  # not found in the last frame
     settings = StudentSettings(target_sampler="agent-renoise", teacher_substeps=4)
-    target, xy = distillation_target(settings, dit, x, 0.9, theirs, actions, torch.Generator().manual_seed(5),
+    target, xy = distillation_target(settings, theirs, x, 0.9, actions, torch.Generator().manual_seed(5),
                                      lambda latents: agent_at)
     sample = teacher_sample(dit, x, 0.9, theirs.text, TrainingWindow(2, 6, 16), actions, 4,
                             torch.Generator().manual_seed(5))
@@ -113,7 +113,7 @@ def test_the_agent_renoise_target_takes_the_teachers_sample_around_the_agent_and
     assert not torch.equal(sample[near[:, :, None].expand_as(sample)], ode[near[:, :, None].expand_as(ode)])
     assert xy is agent_at
     with pytest.raises(ConfigError, match="agent locator"):
-        distillation_target(settings, dit, x, 0.9, theirs, actions, torch.Generator(), None)
+        distillation_target(settings, theirs, x, 0.9, actions, torch.Generator(), None)
     with pytest.raises(ConfigError, match="target_sampler"):
         StudentSettings(target_sampler="dmd")
 
@@ -206,7 +206,6 @@ def test_a_rebased_student_starts_from_the_earlier_student_plus_the_teachers_cha
 
 
 def test_guided_teacher_is_null_plus_scale_times_prompt_minus_null_each_with_its_own_context():
-    from framecast.stream.worldmodel.student import GuidedTeacher
     from framecast.stream.worldmodel.teacher import null_text
 
     dit = tiny_dit(4)
