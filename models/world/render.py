@@ -28,6 +28,14 @@ def pixel(coordinate: float) -> int:
     return math.floor(coordinate + 0.5)
 
 
+def paste(frame: np.ndarray, mask: np.ndarray, colour: np.ndarray | RGB, xy: tuple[float, float]) -> None:
+    """Paint a sprite's mask ([2r+1, 2r+1] bool) in one colour, centred on the pixel of `xy`, in place."""
+    # the physics keeps every sprite inside the frame, so no clipping is needed
+    radius = mask.shape[0] // 2
+    x, y = pixel(xy[0]), pixel(xy[1])
+    frame[y - radius : y + radius + 1, x - radius : x + radius + 1][mask] = colour
+
+
 @dataclass(frozen=True)
 class _Look:
     """The colours of one setting (terrain, weather, time of day), built on first use."""
@@ -56,13 +64,13 @@ class Renderer:
         look = self._look(settings)
         frame = look.ground.copy()
         for obj in state.objects:
-            self._paste(frame, object_mask(obj.kind, self.config.object_radius_px), look.objects[obj.kind], obj.xy)
+            paste(frame, object_mask(obj.kind, self.config.object_radius_px), look.objects[obj.kind], obj.xy)
         if settings.weather is Weather.RAIN:
             self._draw_particles(frame, self._rain_positions(state.frame_index), rain_streak_offsets(), look.rain)
         elif settings.weather is Weather.SNOWFALL:
             self._draw_particles(frame, self._flake_positions(state.frame_index), snowflake_offsets(), look.snowflake)
         agent = agent_mask(settings.agent_shape, self.config.agent_radius_px)
-        self._paste(frame, agent, AGENT_RGB[settings.agent_colour], state.agent_xy)
+        paste(frame, agent, AGENT_RGB[settings.agent_colour], state.agent_xy)
         return frame
 
     def _look(self, settings: SceneSettings) -> _Look:
@@ -75,13 +83,6 @@ class Renderer:
             rain, snowflake = sprite_rgb(RAIN_RGB, time, weather), sprite_rgb(SNOWFLAKE_RGB, time, weather)
             self._looks[key] = _Look(ground, objects, rain, snowflake)
         return self._looks[key]
-
-    @staticmethod
-    def _paste(frame: np.ndarray, mask: np.ndarray, colour: np.ndarray | RGB, xy: tuple[float, float]) -> None:
-        # the physics keeps every sprite inside the frame, so no clipping is needed
-        radius = mask.shape[0] // 2
-        x, y = pixel(xy[0]), pixel(xy[1])
-        frame[y - radius : y + radius + 1, x - radius : x + radius + 1][mask] = colour
 
     def _rain_positions(self, frame_index: int) -> np.ndarray:
         return self._rain_heads + frame_index * np.asarray(RAIN_STEP_PX)

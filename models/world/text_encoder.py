@@ -51,6 +51,19 @@ def settings_tokens(settings: SceneSettings) -> list[int]:
     return [WORD_IDS[(slot, getattr(settings, slot).value)] for slot in SLOT_NAMES]
 
 
+def tokens_settings(token_ids: Sequence[int]) -> SceneSettings:
+    """The scene of five token ids in slot order (the inverse of `settings_tokens`)."""
+    words = {index: word for word, index in WORD_IDS.items()}
+    if len(token_ids) != len(SLOT_NAMES):
+        raise ConfigError(f"{len(token_ids)} token ids; a scene has {len(SLOT_NAMES)} (one per slot: {SLOT_NAMES})")
+    values = {}
+    for slot, index in zip(SLOT_NAMES, (int(i) for i in token_ids)):
+        if words.get(index, (None,))[0] != slot:
+            raise ConfigError(f"token id {index} is not a word of the {slot} slot")
+        values[slot] = SLOTS[slot](words[index][1])
+    return SceneSettings(**values)
+
+
 def as_settings(prompt: str | SceneSettings, defaults: SceneSettings = SceneSettings()) -> SceneSettings:
     """Settings from a prompt or settings; text is parsed (ConfigError lists the vocabulary on unknown words)."""
     if isinstance(prompt, SceneSettings):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,10 +37,12 @@ from framecast.models.dit import CausalWanDiT, TextContext
 from framecast.models.errors import ConfigError
 from framecast.models.loading import load_dit, save_dit
 from framecast.kernels.attention import attention
-from framecast.models.world.autoencoder import WorldAutoencoder, load_autoencoder, tensor_to_frames
+from framecast.models.world.agent_redraw import redraw_agent
+from framecast.models.world.autoencoder import WorldAutoencoder, frames_to_tensor, load_autoencoder, tensor_to_frames
 from framecast.models.world.ground_truth import read_agent
 from framecast.models.world.latent_clips import LatentClips
-from framecast.models.world.text_encoder import WorldTextEncoder, load_text_encoder
+from framecast.models.world.prompt import SceneSettings
+from framecast.models.world.text_encoder import WorldTextEncoder, load_text_encoder, tokens_settings
 from framecast.stream.sampler import FlowMatchSchedule, Step, renoise, to_clean
 from framecast.stream.worldmodel.recipe import (
     AUTOENCODER_FILE, CHUNK_FRAMES, GUIDANCE, SHIFT, STUDENT_STEPS, WEIGHTS_DIR, WINDOW_FRAMES, teacher_step_list,
@@ -47,7 +50,7 @@ from framecast.stream.worldmodel.recipe import (
 from framecast.stream.worldmodel.teacher import CLIPS_FILE, agent_weights, null_text, shifted_sigmas, update_ema
 
 STATE_FILE = "student_state.pt"
-TARGET_SAMPLERS = ("renoise", "ode", "agent-renoise")
+TARGET_SAMPLERS = ("renoise", "ode", "agent-renoise", "agent-redraw")
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,8 @@ class StudentSettings:
     # teacher's probability-flow ODE (Euler, `teacher_substeps` steps from the exit sigma), which draws the agent's
     # shape far worse than the teacher's own sampler does (MODEL_CARD.md); "agent-renoise" takes the teacher's
     # sampler around the agent and the ODE elsewhere (a regression onto a random target blurs what is random in it:
-    # falling rain and snow, which the ODE keeps sharp)
+    # falling rain and snow, which the ODE keeps sharp); "agent-redraw" is "agent-renoise" with the prompt's agent
+    # sprite redrawn by the world over the teacher's sample where it drew the agent (`AgentLocator.redraw`)
     target_sampler: str = "agent-renoise"
     teacher_substeps: int = 8
     # classifier-free guidance of the teacher's flow (1: none): null + scale x (prompt - null), the null prompt being
@@ -254,9 +258,12 @@ class AgentLocator:
     def __init__(self, autoencoder: WorldAutoencoder) -> None:
         self.autoencoder = autoencoder.eval().requires_grad_(False)
 
+    def _frames(self, latents: Tensor) -> np.ndarray:
+        return tensor_to_frames(self.autoencoder.decode(latents.float().cpu())[0]).numpy()  # [B, F, H, W, 3]
+
     @torch.no_grad()
     def __call__(self, latents: Tensor) -> Tensor:
-        frames = tensor_to_frames(self.autoencoder.decode(latents.float().cpu())[0]).numpy()  # [B, F, H, W, 3]
+        frames = self._frames(latents)
         xy = torch.full((*frames.shape[:2], 2), float("nan"))
         for b, clip in enumerate(frames):
             for f, frame in enumerate(clip):
@@ -265,13 +272,29 @@ class AgentLocator:
                     xy[b, f] = torch.tensor(reading.xy)
         return xy
 
+    @torch.no_grad()
+    def redraw(self, latents: Tensor, wanted: Sequence[SceneSettings]) -> tuple[Tensor, Tensor]:
+        """The latents re-encoded from their frames with the agent redrawn as `wanted[b]` asks
+        (`models.world.agent_redraw`), and where it was drawn ([B, F, 2] px, NaN where no agent was read: those
+        frames come back re-encoded as they were)."""
+        frames = self._frames(latents)
+        xy = torch.full((*frames.shape[:2], 2), float("nan"))
+        for b, clip in enumerate(frames):
+            for f, frame in enumerate(clip):
+                redrawn = redraw_agent(frame, wanted[b].agent_shape, wanted[b].agent_colour)
+                if redrawn is not None:
+                    frames[b, f], xy[b, f] = redrawn[0], torch.tensor(redrawn[1])
+        encoded = self.autoencoder.encode(frames_to_tensor(frames)).to(latents.device, latents.dtype)
+        return encoded, xy
+
 
 def distillation_target(
     settings: StudentSettings, theirs: GuidedTeacher, x: Tensor, sigma: float, actions: Tensor,
-    generator: torch.Generator, locate_agent: AgentLocator | None,
+    generator: torch.Generator, locate_agent: AgentLocator | None, wanted: Sequence[SceneSettings] = (),
 ) -> tuple[Tensor, Tensor | None]:
     """The clean latents the student's estimate at `sigma` is regressed onto (`StudentSettings.target_sampler`), and
-    where the agent is in them when that was read on the way ([B, F, 2], else None)."""
+    where the agent is in them when that was read on the way ([B, F, 2], else None). `wanted`: each clip's scene
+    in this chunk (for "agent-redraw")."""
     args = (theirs, x, sigma, theirs.text, theirs.memory, actions, settings.teacher_substeps)
     if settings.target_sampler == "ode":
         return teacher_target(*args), None
@@ -279,8 +302,13 @@ def distillation_target(
     if settings.target_sampler == "renoise":
         return sample, None
     if locate_agent is None:
-        raise ConfigError("target_sampler='agent-renoise' needs the agent locator (an autoencoder)")
-    xy = locate_agent(sample)
+        raise ConfigError(f"target_sampler={settings.target_sampler!r} needs the agent locator (an autoencoder)")
+    if settings.target_sampler == "agent-redraw":
+        if len(wanted) != len(x):
+            raise ConfigError(f"target_sampler='agent-redraw' needs the wanted scene of each of the {len(x)} clips")
+        sample, xy = locate_agent.redraw(sample, wanted)
+    else:
+        xy = locate_agent(sample)
     near = agent_weights(torch.nan_to_num(xy, nan=-1e6).to(x.device), x.shape[-1], 1.0) > 1  # [B, F, h, w]
     return torch.where(near[:, :, None], sample, teacher_target(*args)), xy
 
@@ -304,6 +332,7 @@ def rollout_loss(
         if chunk == 0 or chunk == switch_chunk:
             with torch.no_grad():
                 prompt = text_encoder(tokens[:, frames.start])
+            wanted = [tokens_settings(ids.tolist()) for ids in tokens[:, frames.start]]
             with autocast:
                 mine.set_prompt(prompt, recache=chunk > 0)
             theirs.set_prompt(prompt, recache=chunk > 0)
@@ -320,7 +349,7 @@ def rollout_loss(
         step = schedule[exit_step]
         with torch.no_grad():
             target, xy = distillation_target(settings, theirs, x, step.sigma, chunk_actions, generator,
-                                             locate_agent)
+                                             locate_agent, wanted)
         mine.memory.begin_chunk(CHUNK_FRAMES)
         with autocast:
             timesteps = torch.full(chunk_actions.shape, step.timestep, device=device)

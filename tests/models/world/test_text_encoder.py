@@ -97,3 +97,14 @@ def test_loading_a_file_without_the_config_says_what_it_is_not(tmp_path) -> None
     save_file({"weight": torch.zeros(2)}, str(path))
     with pytest.raises(CheckpointError, match="not a world text encoder file"):
         load_text_encoder(path)
+
+
+def test_token_ids_turn_back_into_the_scene_they_came_from() -> None:
+    from framecast.models.world.prompt import all_settings
+    from framecast.models.world.text_encoder import settings_tokens, tokens_settings
+
+    assert all(tokens_settings(settings_tokens(s)) == s for s in all_settings())
+    with pytest.raises(ConfigError, match="slot"):
+        tokens_settings(list(reversed(settings_tokens(SceneSettings()))))
+    with pytest.raises(ConfigError, match="one per slot"):
+        tokens_settings([0, 1])

@@ -118,9 +118,61 @@ def test_the_agent_renoise_target_takes_the_teachers_sample_around_the_agent_and
         StudentSettings(target_sampler="dmd")
 
 
+def test_the_agent_redraw_target_has_the_prompts_agent_where_the_teacher_drew_one():
+    from framecast.models.world.autoencoder import frames_to_tensor, load_autoencoder
+    from framecast.models.world.episodes import make_episode
+    from framecast.models.world.ground_truth import read_agent
+    from framecast.models.world.vocabulary import AgentShape
+    from framecast.stream.worldmodel.recipe import AUTOENCODER_FILE, WEIGHTS_DIR
+    from framecast.stream.worldmodel.student import AgentLocator
+
+    autoencoder = load_autoencoder(WEIGHTS_DIR / AUTOENCODER_FILE)
+    episode = make_episode(5, 3)
+    shown = episode.settings[0]
+    other = next(shape for shape in AgentShape if shape is not shown.agent_shape)
+    wanted = shown.replace(agent_shape=other)
+    with torch.no_grad():
+        latents = autoencoder.encode(frames_to_tensor(episode.frames)[None])
+    locator = AgentLocator(autoencoder)
+    redrawn, xy = locator.redraw(latents, [wanted])
+    assert redrawn.shape == latents.shape and xy.shape == (1, 3, 2)
+    assert (xy[0] - torch.from_numpy(episode.agent_xy).float()).abs().max() < 1.0
+    with torch.no_grad():
+        frames = locator._frames(redrawn)[0]
+    assert all(read_agent(frame).shape is other for frame in frames)
+    # the teacher's sample goes through the redraw around the agent; the ODE elsewhere, as agent-renoise
+    dit = tiny_dit(2, torch.float32)
+    theirs = GuidedTeacher(dit)
+    theirs.text = dit.encode_text(torch.randn(1, 5, 64))
+    settings = StudentSettings(target_sampler="agent-redraw", teacher_substeps=2)
+    x = torch.randn(1, 3, 16, 16, 16)
+    calls = []
+
+    class Recording(AgentLocator):
+        def redraw(self, latents, wanted):
+            calls.append(wanted)
+            return torch.full_like(latents, 7.0), torch.tensor([[[20.0, 20.0]] * 3])
+
+    target, xy = distillation_target(settings, theirs, x, 0.9, torch.zeros(1, 3, dtype=torch.long),
+                                     torch.Generator().manual_seed(5), Recording(autoencoder), [wanted])
+    assert calls == [[wanted]]
+    near = torch.zeros(1, 3, 16, 16, dtype=torch.bool)
+    near[:, :, 1:4, 1:4] = True
+    assert (target[near[:, :, None].expand_as(target)] == 7.0).all()
+    assert not (target[~near[:, :, None].expand_as(target)] == 7.0).any()
+    with pytest.raises(ConfigError, match="wanted scene"):
+        distillation_target(settings, theirs, x, 0.9, torch.zeros(1, 3, dtype=torch.long), torch.Generator(),
+                            Recording(autoencoder), [])
+
+
 def clips_with_switches(count: int = 12, frames: int = 24) -> LatentClips:
-    tokens = torch.zeros(count, frames, 5, dtype=torch.long)
-    tokens[::2, 12:, 0] = 1  # every other clip switches at frame 12
+    from framecast.models.world.prompt import SceneSettings
+    from framecast.models.world.text_encoder import settings_tokens
+    from framecast.models.world.vocabulary import AgentShape, Terrain
+
+    tokens = torch.tensor(settings_tokens(SceneSettings())).repeat(count, frames, 1)
+    switched = SceneSettings(terrain=Terrain.SAND, agent_shape=AgentShape.DIAMOND)
+    tokens[::2, 12:] = torch.tensor(settings_tokens(switched))  # every other clip switches at frame 12
     return LatentClips(torch.randn(count, frames, 16, 16, 16).bfloat16(), torch.randint(0, 5, (count, frames)),
                        tokens, torch.arange(count))
 
