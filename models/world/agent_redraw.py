@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from framecast.models.world.ground_truth import AGENT_OFF_LINE_DISTANCE, _channels, _median_rgb, _on_line, read_agent
+from framecast.models.world.ground_truth import (
+    AGENT_CORE_DISTANCE, AGENT_OFF_LINE_DISTANCE, _channels, _distance_sq, _median_rgb, _on_line, read_agent,
+)
 from framecast.models.world.palette import AGENT_RGB
 from framecast.models.world.render import paste, pixel
 from framecast.models.world.sprites import agent_centroid, agent_mask
 from framecast.models.world.state import WorldConfig
 from framecast.models.world.vocabulary import AgentColour, AgentShape
 
+SPREAD_MARGIN_PX = 1  # the agent's sure colour may reach this far past its sprite (a blur)
 # a frame's agent pixels to wipe: past this share of the way from the ground to the agent's colour (its blurred rim
 # included, which the reader's 50% mask leaves out)
 WIPE_ALONG_MIN = 0.2
@@ -28,7 +31,8 @@ def redraw_agent(
     frame: np.ndarray, shape: AgentShape, colour: AgentColour, config: WorldConfig = WorldConfig(),
 ) -> tuple[np.ndarray, tuple[float, float]] | None:
     """The frame (uint8 [H, W, 3]) with its agent replaced by a `shape` `colour` sprite, and that sprite's centre
-    (x, y) px; None where the frame shows no agent (`read_agent`), as there is then no place to draw one.
+    (x, y) px; None where the frame shows no agent (`read_agent`) or its colour in more places than one sprite covers
+    (two agents, as a model unsure where the agent is draws), as there is then no one place to draw it.
 
     The centre is the frame's agent's centre as read (`read_agent`: for the shape it shows; the world keeps the
     centre when a prompt changes the shape), kept inside the frame as the world's physics keeps it.
@@ -40,9 +44,12 @@ def redraw_agent(
     if reading is None:
         return None
     radius = config.agent_radius_px
+    channels = _channels(frame, config)
+    rows, cols = np.nonzero(_distance_sq(channels, AGENT_RGB[reading.colour]) < AGENT_CORE_DISTANCE**2)
+    if max(np.ptp(rows), np.ptp(cols)) + 1 > 2 * radius + 1 + 2 * SPREAD_MARGIN_PX:
+        return None  # the agent's colour where no one sprite reaches (two agents): no one place to draw it
     x = float(np.clip(reading.xy[0], radius, config.width - 1 - radius))
     y = float(np.clip(reading.xy[1], radius, config.height - 1 - radius))
-    channels = _channels(frame, config)
     ground = _median_rgb(channels)
     # wipe around the frame's own agent, whose centroid sits off its centre by up to r/3 (the triangle)
     reach = radius + 4

@@ -9,7 +9,8 @@ from framecast.models.world.agent_redraw import redraw_agent
 from framecast.models.world.ground_truth import read_agent
 from framecast.models.world.palette import AGENT_RGB, ground_rgb
 from framecast.models.world.prompt import SceneSettings
-from framecast.models.world.render import Renderer
+from framecast.models.world.render import Renderer, paste
+from framecast.models.world.sprites import agent_mask
 from framecast.models.world.state import WorldConfig
 from framecast.models.world.vocabulary import AgentColour, AgentShape, Terrain, TimeOfDay, Weather
 from framecast.models.world.world import initial_state
@@ -69,3 +70,16 @@ def test_no_agent_no_redraw():
     flat = np.empty((128, 128, 3), dtype=np.uint8)
     flat[:] = ground_rgb(Terrain.GRASS, TimeOfDay.DAY, Weather.CLEAR)
     assert redraw_agent(flat, AgentShape.CIRCLE, AgentColour.RED) is None
+
+
+def test_two_agents_are_no_one_place_to_draw_one():
+    """A model unsure where the agent is may draw it twice; redrawing one between them would add a third."""
+    one = _agent_alone(AgentShape.DIAMOND, AgentColour.RED, (30.0, 30.0))
+    both = one.copy()
+    paste(both, agent_mask(AgentShape.DIAMOND, CONFIG.agent_radius_px), AGENT_RGB[AgentColour.RED], (30.0, 52.0))
+    assert read_agent(both) is not None  # the reader still reads one (between them): the redraw must refuse
+    assert redraw_agent(both, AgentShape.DIAMOND, AgentColour.RED) is None
+    # a blurred single agent is still one place
+    padded = np.pad(one.astype(np.float32), ((1, 1), (1, 1), (0, 0)), mode="edge")
+    blurred = np.rint(sum(padded[i : i + 128, j : j + 128] for i in range(3) for j in range(3)) / 9).astype(np.uint8)
+    assert redraw_agent(blurred, AgentShape.SQUARE, AgentColour.RED) is not None
