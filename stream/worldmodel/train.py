@@ -31,11 +31,11 @@ MODEL_FOLDER = "model"
 @dataclass(frozen=True)
 class TrainWorldSettings:
     autoencoder_minutes: float = 30.0  # 0: use the shipped autoencoder (the latents the shipped DiTs were trained on)
-    teacher_minutes: float = 50.0
+    teacher_minutes: float = 45.0  # with the 30 of the autoencoder, 20 of the student and ~20 of eval: < 2 hours
     student_minutes: float = 20.0
     clips: int = 3000
     evaluate: bool = True
-    eval_frames: int = 900
+    eval_frames: int = 1800  # as EvalSettings.frames (30 scenes)
     eval_long_frames: int = 5000
 
     def __post_init__(self) -> None:
