@@ -6,10 +6,11 @@ cache, a prompt switch with recache where the clip switches, the clip's actions)
 conditioned on the student's own past: the exposure-bias fix of Self-Forcing. For each chunk one exit step k of the
 schedule is drawn (Self-Forcing's trick: gradients at one step, the earlier ones run without them); the student's
 clean estimate at step k is regressed onto the teacher's answer from the same noisy latents under the same
-(student-made) context (`distillation_target`): around the agent, where the teacher's own sampler takes them; elsewhere
-the endpoint of its ODE. The ODE draws the agent's shape far worse than the sampler, and a regression onto the
-sampler's random answer everywhere blurs falling rain and snow, which the ODE keeps sharp (the model card has the
-A/B). The teacher's flow in both is classifier-free guided (`GuidedTeacher`, `StudentSettings.guidance`): at 1.5 its
+(student-made) context (`distillation_target`): around the agent, where the teacher's own sampler takes them, with
+the prompt's agent redrawn there by the world (`models/world/agent_redraw.py`: the teacher decides where the agent
+goes, the world what it looks like); elsewhere the endpoint of its ODE. The ODE draws the agent's shape far worse than
+the sampler, and a regression onto the sampler's random answer everywhere blurs falling rain and snow, which the ODE
+keeps sharp (the model card has the A/Bs). The teacher's flow in both is classifier-free guided (`GuidedTeacher`, `StudentSettings.guidance`): at 1.5 its
 8-step stream reads the weather and the agent's shape right where the plain teacher's does not (MODEL_CARD.md).
 No critic network as DMD needs: at this size a second network and its updates would cost as much as the
 student's own. The teacher also answers for the parts of a frame that the context leaves open (the first chunk's
@@ -66,7 +67,7 @@ class StudentSettings:
     # sampler around the agent and the ODE elsewhere (a regression onto a random target blurs what is random in it:
     # falling rain and snow, which the ODE keeps sharp); "agent-redraw" is "agent-renoise" with the prompt's agent
     # sprite redrawn by the world over the teacher's sample where it drew the agent (`AgentLocator.redraw`)
-    target_sampler: str = "agent-renoise"
+    target_sampler: str = "agent-redraw"
     teacher_substeps: int = 8
     # classifier-free guidance of the teacher's flow (1: none): null + scale x (prompt - null), the null prompt being
     # the one the teacher trained on with `TeacherSettings.prompt_dropout`
