@@ -86,7 +86,7 @@ def _target_text(history: dict | None) -> str:
         f" The teacher's flow in every answer is classifier-free guided at scale {guidance:g}: null + {guidance:g} x "
         "(prompt - null), the null prompt with a context window of its own fed the same clean chunks (context K/V "
         "depend on the prompt through every block's cross-attention). Guidance sharpens what the prompt decides: "
-        "run 7's teacher streaming the eval script at 8 steps read 74.4% of frames fully right unguided (weather "
+        "run 7's teacher streaming the 900-frame eval script at 8 steps read 74.4% of frames fully right unguided (weather "
         "81.7%, the agent's shape 89.6%, drawn with rounded corners: diamonds and squares read as circles) and 91.7% "
         "guided at 1.5 (weather 100%, shape 91.7%), 92.4% at 1.25 and 91.3% at 2 (probed early in the run, after "
         "~600 null-prompt steps, 2 and 3 washed out the time of day and the weather). The "
