@@ -29,6 +29,7 @@ WORD_IDS: dict[tuple[str, str], int] = {
     for index, (slot, member) in enumerate((slot, member) for slot, kind in SLOTS.items() for member in kind)
 }
 SLOT_NAMES = tuple(SLOTS)
+WORDS: dict[int, tuple[str, str]] = {index: word for word, index in WORD_IDS.items()}  # (slot, word) of each id
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,13 @@ def settings_tokens(settings: SceneSettings) -> list[int]:
 
 def tokens_settings(token_ids: Sequence[int]) -> SceneSettings:
     """The scene of five token ids in slot order (the inverse of `settings_tokens`)."""
-    words = {index: word for word, index in WORD_IDS.items()}
     if len(token_ids) != len(SLOT_NAMES):
         raise ConfigError(f"{len(token_ids)} token ids; a scene has {len(SLOT_NAMES)} (one per slot: {SLOT_NAMES})")
     values = {}
     for slot, index in zip(SLOT_NAMES, (int(i) for i in token_ids)):
-        if words.get(index, (None,))[0] != slot:
+        if WORDS.get(index, (None,))[0] != slot:
             raise ConfigError(f"token id {index} is not a word of the {slot} slot")
-        values[slot] = SLOTS[slot](words[index][1])
+        values[slot] = SLOTS[slot](WORDS[index][1])
     return SceneSettings(**values)
 
 

@@ -10,12 +10,12 @@ clean estimate at step k is regressed onto the teacher's answer from the same no
 the prompt's agent redrawn there by the world (`models/world/agent_redraw.py`: the teacher decides where the agent
 goes, the world what it looks like); elsewhere the endpoint of its ODE. The ODE draws the agent's shape far worse than
 the sampler, and a regression onto the sampler's random answer everywhere blurs falling rain and snow, which the ODE
-keeps sharp (the model card has the A/Bs). The teacher's flow in both is classifier-free guided (`GuidedTeacher`, `StudentSettings.guidance`): at 1.5 its
-8-step stream reads the weather and the agent's shape right where the plain teacher's does not (MODEL_CARD.md).
-No critic network as DMD needs: at this size a second network and its updates would cost as much as the
-student's own. The teacher also answers for the parts of a frame that the context leaves open (the first chunk's
-layout), which a regression onto recorded ground truth would blur. The chunk's output (its context for the next) is
-the exit step's estimate.
+keeps sharp (the model card has the A/Bs). The teacher's flow in both is classifier-free guided (`GuidedTeacher`,
+`StudentSettings.guidance`): at 1.5 its 8-step stream reads the weather and the agent's shape right where the plain
+teacher's does not (MODEL_CARD.md). No critic network as DMD needs: at this size a second network and its updates
+would cost as much as the student's own. The teacher also answers for the parts of a frame that the context leaves
+open (the first chunk's layout), which a regression onto recorded ground truth would blur. The chunk's output (its
+context for the next) is the exit step's estimate.
 
     python3 -m framecast.stream.worldmodel.student --out runs/world --max-minutes 30
 """

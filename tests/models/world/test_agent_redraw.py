@@ -54,7 +54,8 @@ def test_a_blurred_blend_is_wiped_rim_and_all():
     # objects were blurred too)
     near = (slice(30 - 13, 30 + 14), slice(70 - 13, 70 + 14))
     rim = np.abs(redrawn[near].astype(int) - truth[near]).max(axis=-1)
-    full = np.abs(ground_rgb(Terrain.GRASS, TimeOfDay.DUSK, Weather.CLEAR).astype(int) - AGENT_RGB[AgentColour.RED]).max()
+    ground = ground_rgb(Terrain.GRASS, TimeOfDay.DUSK, Weather.CLEAR).astype(int)
+    full = np.abs(ground - AGENT_RGB[AgentColour.RED]).max()
     assert 0 < rim.max() < 0.2 * full
 
 
