@@ -77,6 +77,17 @@ TARGET_TEXTS["agent-redraw"] = TARGET_TEXTS["agent-renoise"] + (
     "better. Frames where no single agent is read (none, or two where the teacher was unsure) keep the ODE answer."
 )
 
+TARGET_TEXTS["scene-redraw"] = TARGET_TEXTS["agent-redraw"] + (
+    " In rain scenes the whole composed target is then decoded and its rain drawn again by the world "
+    "(`models/world/rain_redraw.py`) before the agent: rain is one fixed pattern of streaks falling a fixed step per "
+    "frame, so the phase whose streaks best cover the particles the teacher drew (the chunk's frames at consecutive "
+    "phases) says where every streak is; the drawn particles are wiped to the ground colour and the full pattern "
+    "painted in the prompt's lit rain colour, under the agent. Why: the student drew about a third of the world's "
+    "rain pixels (300-450 of ~1,080 per frame), and on snow, where the streaks are faint, that falls under the "
+    "reader's 25% and reads as clear weather (run 8's student on the 1,800-frame eval script: 112 of its 125 "
+    "misread rain frames were on snow)."
+)
+
 
 def _target_text(history: dict | None) -> str:
     """The student's regression target, as its settings name it (older runs predate the choice: the ODE)."""

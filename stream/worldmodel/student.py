@@ -43,7 +43,9 @@ from framecast.models.world.autoencoder import WorldAutoencoder, frames_to_tenso
 from framecast.models.world.ground_truth import read_agent
 from framecast.models.world.latent_clips import LatentClips
 from framecast.models.world.prompt import SceneSettings
+from framecast.models.world.rain_redraw import redraw_rain
 from framecast.models.world.text_encoder import WorldTextEncoder, load_text_encoder, tokens_settings
+from framecast.models.world.vocabulary import Weather
 from framecast.stream.sampler import FlowMatchSchedule, Step, renoise, to_clean
 from framecast.stream.worldmodel.recipe import (
     AUTOENCODER_FILE, CHUNK_FRAMES, GUIDANCE, SHIFT, STUDENT_STEPS, WEIGHTS_DIR, WINDOW_FRAMES, teacher_step_list,
@@ -51,7 +53,7 @@ from framecast.stream.worldmodel.recipe import (
 from framecast.stream.worldmodel.teacher import CLIPS_FILE, agent_weights, null_text, shifted_sigmas, update_ema
 
 STATE_FILE = "student_state.pt"
-TARGET_SAMPLERS = ("renoise", "ode", "agent-renoise", "agent-redraw")
+TARGET_SAMPLERS = ("renoise", "ode", "agent-renoise", "agent-redraw", "scene-redraw")
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,10 @@ class StudentSettings:
     # shape far worse than the teacher's own sampler does (MODEL_CARD.md); "agent-renoise" takes the teacher's
     # sampler around the agent and the ODE elsewhere (a regression onto a random target blurs what is random in it:
     # falling rain and snow, which the ODE keeps sharp); "agent-redraw" is "agent-renoise" with the prompt's agent
-    # sprite redrawn by the world over the teacher's sample where it drew the agent (`AgentLocator.redraw`)
-    target_sampler: str = "agent-redraw"
+    # sprite redrawn by the world over the teacher's sample where it drew the agent (`AgentLocator.redraw`);
+    # "scene-redraw" is "agent-redraw" with, in rain scenes, the world's rain redrawn in full over the whole target
+    # at the phase the teacher drew it (`models/world/rain_redraw.py`: a thinned rain reads as clear weather)
+    target_sampler: str = "scene-redraw"
     teacher_substeps: int = 8
     # classifier-free guidance of the teacher's flow (1: none): null + scale x (prompt - null), the null prompt being
     # the one the teacher trained on with `TeacherSettings.prompt_dropout`
@@ -274,11 +278,16 @@ class AgentLocator:
         return xy
 
     @torch.no_grad()
-    def redraw(self, latents: Tensor, wanted: Sequence[SceneSettings]) -> tuple[Tensor, Tensor]:
+    def redraw(self, latents: Tensor, wanted: Sequence[SceneSettings], rain: bool = False) -> tuple[Tensor, Tensor]:
         """The latents re-encoded from their frames with the agent redrawn as `wanted[b]` asks
         (`models.world.agent_redraw`), and where it was drawn ([B, F, 2] px, NaN where no agent was read: those
-        frames come back re-encoded as they were)."""
+        frames come back re-encoded as they were). `rain`: first redraw the rain of clips whose scene has rain
+        (`models.world.rain_redraw`, the chunk's frames at consecutive phases)."""
         frames = self._frames(latents)
+        if rain:
+            for b, clip in enumerate(frames):
+                if wanted[b].weather is Weather.RAIN:
+                    frames[b] = redraw_rain(clip, wanted[b])[0]
         xy = torch.full((*frames.shape[:2], 2), float("nan"))
         for b, clip in enumerate(frames):
             for f, frame in enumerate(clip):
@@ -304,14 +313,19 @@ def distillation_target(
         return sample, None
     if locate_agent is None:
         raise ConfigError(f"target_sampler={settings.target_sampler!r} needs the agent locator (an autoencoder)")
+    redraws = settings.target_sampler in ("agent-redraw", "scene-redraw")
+    if redraws and len(wanted) != len(x):
+        raise ConfigError(f"target_sampler={settings.target_sampler!r} needs the wanted scene of each of the {len(x)} clips")
     if settings.target_sampler == "agent-redraw":
-        if len(wanted) != len(x):
-            raise ConfigError(f"target_sampler='agent-redraw' needs the wanted scene of each of the {len(x)} clips")
         sample, xy = locate_agent.redraw(sample, wanted)
     else:
         xy = locate_agent(sample)
     near = agent_weights(torch.nan_to_num(xy, nan=-1e6).to(x.device), x.shape[-1], 1.0) > 1  # [B, F, h, w]
-    return torch.where(near[:, :, None], sample, teacher_target(*args)), xy
+    target = torch.where(near[:, :, None], sample, teacher_target(*args))
+    if settings.target_sampler == "scene-redraw":  # the rain covers the whole frame: redraw the composed target
+        target, xy = locate_agent.redraw(target, wanted, rain=True)
+        target = target.float()
+    return target, xy
 
 
 def rollout_loss(

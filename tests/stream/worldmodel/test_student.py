@@ -291,3 +291,38 @@ def test_guided_teacher_is_null_plus_scale_times_prompt_minus_null_each_with_its
     assert guided.null.memory.committed_frames == guided.memory.committed_frames == 9
     with pytest.raises(ConfigError, match="guidance"):
         StudentSettings(guidance=0.5)
+
+
+def test_the_scene_redraw_draws_the_rain_in_full_over_encoded_frames_with_thin_rain():
+    import dataclasses
+
+    from framecast.models.world.autoencoder import frames_to_tensor, load_autoencoder, tensor_to_frames
+    from framecast.models.world.ground_truth import read_setting
+    from framecast.models.world.prompt import SceneSettings
+    from framecast.models.world.vocabulary import AgentColour, AgentShape, Terrain, TimeOfDay, Weather
+    from framecast.models.world.world import World
+    from framecast.stream.worldmodel.recipe import AUTOENCODER_FILE, WEIGHTS_DIR
+    from framecast.stream.worldmodel.student import AgentLocator
+
+    rain = SceneSettings(Terrain.SNOW, Weather.RAIN, TimeOfDay.DUSK, AgentShape.DIAMOND, AgentColour.CYAN)
+    worlds = [World(seed=7, settings=rain), World(seed=7, settings=dataclasses.replace(rain, weather=Weather.CLEAR))]
+    frames = np.empty((3, 128, 128, 3), np.uint8)
+    for t in range(3):
+        pair = []
+        for world in worlds:
+            world.step(t % 5)
+            pair.append(world.render())
+        thin = pair[0].copy()
+        gone = (pair[0] != pair[1]).any(-1) & (np.random.default_rng(t).random((128, 128)) < 0.8)
+        thin[gone] = pair[1][gone]  # a fifth of the rain left: reads as clear
+        frames[t] = thin
+    autoencoder = load_autoencoder(WEIGHTS_DIR / AUTOENCODER_FILE)
+    with torch.no_grad():
+        latents = autoencoder.encode(frames_to_tensor(frames)[None])
+    locator = AgentLocator(autoencoder)
+    for with_rain, weather in ((False, Weather.CLEAR), (True, Weather.RAIN)):
+        redrawn, xy = locator.redraw(latents, [rain], rain=with_rain)
+        with torch.no_grad():
+            decoded = tensor_to_frames(autoencoder.decode(redrawn)[0])[0].numpy()
+        assert [read_setting(frame).weather for frame in decoded] == [weather] * 3
+        assert not torch.isnan(xy).any()
