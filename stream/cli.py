@@ -850,7 +850,9 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, default=EvalSettings.frames, help="frames per model row")
     p.add_argument("--switch-every", type=int, default=EvalSettings.switch_every, help="frames between prompt switches")
     p.add_argument("--long-frames", type=int, default=EvalSettings.long_frames,
-                   help="frames of the drift stream (0: no drift measurement)")
+                   help="frames of each drift stream (0: no drift measurement)")
+    p.add_argument("--long-streams", type=int, default=EvalSettings.long_streams,
+                   help="drift streams, pooled (their first and last windows graded together)")
     p.add_argument("--rows", help="comma-separated rows (default: all): " + ", ".join(EvalSettings.rows))
     p.add_argument("--guidance", type=float, default=EvalSettings.guidance,
                    help="classifier-free guidance of the guided teacher row (1: leave the row out)")
@@ -868,8 +870,8 @@ def run_eval(args: argparse.Namespace) -> None:
     unknown = [r for r in rows if r not in EvalSettings.rows]
     if unknown:
         raise ConfigError(f"unknown --rows {unknown}; rows: {', '.join(EvalSettings.rows)}")
-    settings = EvalSettings(frames=args.frames, switch_every=args.switch_every, long_frames=args.long_frames, rows=rows,
-                            guidance=args.guidance)
+    settings = EvalSettings(frames=args.frames, switch_every=args.switch_every, long_frames=args.long_frames,
+                            long_streams=args.long_streams, rows=rows, guidance=args.guidance)
     main_eval(args.weights or WEIGHTS_DIR, args.out, settings)
 
 

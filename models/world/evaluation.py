@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -304,6 +305,52 @@ def stream_metrics(rollout: Rollout, config: WorldConfig = WorldConfig(), respon
         switch_jumps_skipped=skipped,
         agent_found=_percent(sum(r.agent is not None for r in readings), len(readings)),
         slot_adherence=slots,
+    )
+
+
+def pool_metrics(parts: Sequence[StreamMetrics]) -> StreamMetrics:
+    """The metrics of several streams taken together, as if graded as one: each share weighted by what it counts
+    (graded frames, action steps, switches, measured jumps, frames), maxima over all, counts summed.
+
+    Raises:
+        ConfigError: no streams.
+    """
+    if not parts:
+        raise ConfigError("pool_metrics needs at least one stream's metrics")
+
+    def mean(name: str, weight: str) -> float:
+        pairs = [(getattr(p, name), getattr(p, weight)) for p in parts if getattr(p, weight) and not math.isnan(getattr(p, name))]
+        total = sum(w for _, w in pairs)
+        return sum(v * w for v, w in pairs) / total if total else math.nan
+
+    def most(name: str) -> float:
+        values = [getattr(p, name) for p in parts if not math.isnan(getattr(p, name))]
+        return max(values) if values else math.nan
+
+    def total(name: str) -> int:
+        return sum(getattr(p, name) for p in parts)
+
+    slots = sorted({slot for p in parts for slot in p.slot_adherence})
+    graded = total("graded_frames")
+    return StreamMetrics(
+        frames=total("frames"),
+        prompt_adherence=mean("prompt_adherence", "graded_frames"),
+        graded_frames=graded,
+        action_following=mean("action_following", "action_steps"),
+        action_steps=total("action_steps"),
+        switches=total("switches"),
+        switch_frames_to_visible_mean=mean("switch_frames_to_visible_mean", "switches"),
+        switch_frames_to_visible_max=most("switch_frames_to_visible_max"),
+        switches_never_visible=total("switches_never_visible"),
+        switch_agent_jump_px_mean=mean("switch_agent_jump_px_mean", "switch_jumps_measured"),
+        switch_agent_jump_px_max=most("switch_agent_jump_px_max"),
+        switch_jumps_measured=total("switch_jumps_measured"),
+        switch_jumps_skipped=total("switch_jumps_skipped"),
+        agent_found=mean("agent_found", "frames"),
+        slot_adherence={
+            slot: sum(p.slot_adherence.get(slot, 0.0) * p.graded_frames for p in parts) / graded if graded else math.nan
+            for slot in slots
+        },
     )
 
 

@@ -242,10 +242,15 @@ def write_model_card(run: Path, model_dir: Path) -> Path:
         ]
         if "drift" in results:
             d = results["drift"]
+            streams = s.get("long_streams", 1)
             lines += [
-                f"### Drift: one {s['long_frames']}-frame student stream (4 steps), a new scene every "
-                f"{s['long_switch_every']} frames", "", d["table"], "",
+                f"### Drift: {streams} student stream{'s' if streams > 1 else ''} of {s['long_frames']} frames "
+                f"(4 steps, seeds from {s['seed'] + 1}), a new scene every {s['long_switch_every']} frames; "
+                "the first and the last windows of all streams graded together", "", d["table"], "",
                 "Last minus first (points): " + ", ".join(f"{k} {v:+.2f}" for k, v in d["difference"].items()), "",
+                *(["Per stream, adherence / actions last minus first: " + "; ".join(
+                    f"{v['prompt_adherence']:+.1f} / {v['action_following']:+.1f}" for v in d["streams"]), ""]
+                  if len(d.get("streams", [])) > 1 else []),
                 "![drift](eval_drift.png)", "",
             ]
     if speed:
@@ -284,7 +289,9 @@ def _targets(results: dict, speed: dict | None) -> list[str]:
             f"{student['switch_agent_jump_px_max']:.2f} max", student["switch_agent_jump_px_max"] <= 2)
     if "drift" in results:
         worst = max(abs(results["drift"]["difference"][k]) for k in ("prompt_adherence", "action_following"))
-        row("drift <= 3 points (first vs last 500 of 5,000 frames)", f"{worst:.1f} points (largest)", worst <= 3)
+        streams = results["settings"].get("long_streams", 1)
+        row(f"drift <= 3 points (first vs last 500 of 5,000 frames, {streams} stream{'s' if streams > 1 else ''})",
+            f"{worst:.1f} points (largest)", worst <= 3)
     teachers = {name: r for name, r in rows.items() if name.startswith("teacher 32 steps")}
     if student and teachers:  # against every >= 32-step teacher row (plain and guided): the largest shortfall
         keys = ("prompt_adherence", "action_following", "agent_found")

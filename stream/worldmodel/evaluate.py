@@ -20,7 +20,8 @@ import torch
 
 from framecast.models.errors import ConfigError
 from framecast.models.world.evaluation import (
-    StreamMetrics, adherence_over_time, drift, metrics_table, plot_drift, plot_metrics, stream_metrics, window,
+    StreamMetrics, adherence_over_time, drift, metrics_table, plot_drift, plot_metrics, pool_metrics, stream_metrics,
+    window,
 )
 from framecast.stream.model_source import RandomDiT
 from framecast.stream.worldmodel.bundle import WorldModel
@@ -40,6 +41,9 @@ class EvalSettings:
     long_frames: int = 5000
     drift_window: int = 500
     long_switch_every: int = 150
+    # streams of `long_frames` (seeds seed + 1, seed + 2, ...), pooled: a 500-frame window of one stream holds ~3
+    # scenes, each right or wrong for most of its frames, so one stream's drift moved by tens of points by chance
+    long_streams: int = 3
     seed: int = 10_000  # training clips use episode seeds from 0
     rows: tuple[str, ...] = ("ground truth", "teacher 32 steps guided", "teacher 32 steps", "teacher 4 steps",
                              "student 4 steps", "student 2 steps", "student 1 step", "random weights 4 steps")
@@ -51,6 +55,8 @@ class EvalSettings:
         for name in ("frames", "switch_every", "long_switch_every"):
             if getattr(self, name) % CHUNK_FRAMES:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a multiple of the chunk ({CHUNK_FRAMES})")
+        if not isinstance(self.long_streams, int) or self.long_streams < 1:
+            raise ConfigError(f"long_streams={self.long_streams!r} must be a positive integer")
         if self.long_frames and self.long_frames < 2 * self.drift_window:
             raise ConfigError(f"long_frames={self.long_frames} must be 0 or >= 2 x drift_window={self.drift_window}")
         if not 1.0 <= self.guidance <= 10.0:
@@ -106,15 +112,21 @@ def evaluate_world(
     series = {}
     if settings.long_frames:
         whole_chunks = -(-settings.long_frames // CHUNK_FRAMES) * CHUNK_FRAMES  # 5000 frames: 1,667 chunks
-        long_script = random_script(settings.seed + 1, whole_chunks, settings.long_switch_every)
-        long = model_rollout(student, long_script, STUDENT_STEPS[4], seed=settings.seed + 1, progress=progress)
-        first = stream_metrics(window(long, 0, settings.drift_window))
-        last = stream_metrics(window(long, settings.long_frames - settings.drift_window, settings.long_frames))
+        firsts, lasts, over_time = [], [], []
+        for stream in range(settings.long_streams):
+            seed = settings.seed + 1 + stream
+            long_script = random_script(seed, whole_chunks, settings.long_switch_every)
+            long = model_rollout(student, long_script, STUDENT_STEPS[4], seed=seed, progress=progress)
+            firsts.append(stream_metrics(window(long, 0, settings.drift_window)))
+            lasts.append(stream_metrics(window(long, settings.long_frames - settings.drift_window, settings.long_frames)))
+            over_time.append(adherence_over_time(long, bucket_frames=100))
+        first, last = pool_metrics(firsts), pool_metrics(lasts)
         results["drift"] = {"first": asdict(first), "last": asdict(last), "difference": drift(first, last),
+                            "streams": [drift(f, l) for f, l in zip(firsts, lasts)],
                             "table": metrics_table({f"frames 0-{settings.drift_window}": first,
                                                     f"frames {settings.long_frames - settings.drift_window}-"
                                                     f"{settings.long_frames}": last})}
-        series["student 4 steps"] = adherence_over_time(long, bucket_frames=100)
+        series["student 4 steps"] = np.nanmean(np.stack(over_time), axis=0)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(results, indent=1, default=float))

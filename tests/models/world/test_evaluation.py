@@ -21,6 +21,7 @@ from framecast.models.world.evaluation import (
     metrics_table,
     plot_drift,
     plot_metrics,
+    pool_metrics,
     rollout_from_episode,
     stream_metrics,
     window,
@@ -149,6 +150,28 @@ def test_drift_is_last_minus_first_per_headline_metric() -> None:
     assert change["prompt_adherence"] == pytest.approx(bad.prompt_adherence - 100)
     assert change["agent_found"] == pytest.approx(bad.agent_found - 100)
     assert drift(good, good)["switch_agent_jump_px_mean"] == 0
+
+
+def test_pooled_streams_weigh_each_share_by_what_it_counts() -> None:
+    good, other = _ground_truth_metrics(0), _ground_truth_metrics(1)
+    bad = stream_metrics(_with_frames(_ground_truth(2), _grey_noise(FRAMES)))
+    assert pool_metrics([good]) == good
+    pooled = pool_metrics([good, bad, other])
+    graded = good.graded_frames + bad.graded_frames + other.graded_frames
+    assert pooled.graded_frames == graded and pooled.frames == 3 * FRAMES
+    assert pooled.prompt_adherence == pytest.approx((100 * (good.graded_frames + other.graded_frames)
+                                                     + bad.prompt_adherence * bad.graded_frames) / graded)
+    assert pooled.slot_adherence["terrain"] == pytest.approx(
+        sum(m.slot_adherence["terrain"] * m.graded_frames for m in (good, bad, other)) / graded)
+    steps = good.action_steps + other.action_steps + bad.action_steps
+    assert pooled.action_following == pytest.approx(
+        sum(m.action_following * m.action_steps for m in (good, bad, other) if m.action_steps) / steps)
+    assert pooled.switches == good.switches + bad.switches + other.switches
+    assert pooled.switch_frames_to_visible_max == max(
+        m.switch_frames_to_visible_max for m in (good, bad, other) if not math.isnan(m.switch_frames_to_visible_max))
+    assert pooled.switch_jumps_measured == good.switch_jumps_measured + other.switch_jumps_measured + bad.switch_jumps_measured
+    with pytest.raises(ConfigError, match="at least one"):
+        pool_metrics([])
 
 
 def test_adherence_over_time_per_bucket() -> None:
