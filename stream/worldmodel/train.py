@@ -31,7 +31,7 @@ MODEL_FOLDER = "model"
 @dataclass(frozen=True)
 class TrainWorldSettings:
     autoencoder_minutes: float = 30.0  # 0: use the shipped autoencoder (the latents the shipped DiTs were trained on)
-    teacher_minutes: float = 45.0  # with the 30 of the autoencoder, 20 of the student and ~20 of eval: < 2 hours
+    teacher_minutes: float = 40.0  # with the 30 of the autoencoder, 20 of the student and ~25 of eval: < 2 hours
     student_minutes: float = 20.0
     clips: int = 3000
     evaluate: bool = True
