@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from framecast.models.world.ground_truth import (
-    AGENT_CORE_DISTANCE, AGENT_OFF_LINE_DISTANCE, _channels, _distance_sq, _median_rgb, _on_line, read_agent,
+    AGENT_CORE_DISTANCE, AGENT_OFF_LINE_DISTANCE, colour_planes, distance_sq, median_rgb, on_colour_line, read_agent,
 )
 from framecast.models.world.palette import AGENT_RGB
 from framecast.models.world.render import paste, pixel
@@ -44,20 +44,20 @@ def redraw_agent(
     if reading is None:
         return None
     radius = config.agent_radius_px
-    channels = _channels(frame, config)
-    rows, cols = np.nonzero(_distance_sq(channels, AGENT_RGB[reading.colour]) < AGENT_CORE_DISTANCE**2)
+    channels = colour_planes(frame, config)
+    rows, cols = np.nonzero(distance_sq(channels, AGENT_RGB[reading.colour]) < AGENT_CORE_DISTANCE**2)
     if max(np.ptp(rows), np.ptp(cols)) + 1 > 2 * radius + 1 + 2 * SPREAD_MARGIN_PX:
         return None  # the agent's colour where no one sprite reaches (two agents): no one place to draw it
     x = float(np.clip(reading.xy[0], radius, config.width - 1 - radius))
     y = float(np.clip(reading.xy[1], radius, config.height - 1 - radius))
-    ground = _median_rgb(channels)
+    ground = median_rgb(channels)
     # wipe around the frame's own agent, whose centroid sits off its centre by up to r/3 (the triangle)
     reach = radius + 4
     read_dx, read_dy = agent_centroid(reading.shape, radius)
     cx, cy = pixel(reading.xy[0] + read_dx), pixel(reading.xy[1] + read_dy)
     top, left = max(cy - reach, 0), max(cx - reach, 0)
     window = (slice(top, cy + reach + 1), slice(left, cx + reach + 1))
-    wipe = _on_line(channels[:, window[0], window[1]], ground, AGENT_RGB[reading.colour], WIPE_ALONG_MIN,
+    wipe = on_colour_line(channels[:, window[0], window[1]], ground, AGENT_RGB[reading.colour], WIPE_ALONG_MIN,
                     AGENT_OFF_LINE_DISTANCE)
     redrawn = np.array(frame, dtype=np.uint8, copy=True)
     redrawn[window][wipe] = np.clip(np.rint(ground), 0, 255).astype(np.uint8)

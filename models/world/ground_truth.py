@@ -56,7 +56,7 @@ class AgentReading:
     pixels: int  # size of the agent's mask
 
 
-def _channels(frame: np.ndarray, config: WorldConfig) -> np.ndarray:
+def colour_planes(frame: np.ndarray, config: WorldConfig) -> np.ndarray:
     """float32 [3, H, W]: channel planes, so per-pixel colour arithmetic runs over long contiguous rows."""
     frame = np.asarray(frame)
     if frame.shape != (config.height, config.width, 3):
@@ -64,14 +64,14 @@ def _channels(frame: np.ndarray, config: WorldConfig) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(frame, -1, 0), dtype=np.float32)
 
 
-def _median_rgb(channels: np.ndarray) -> np.ndarray:
+def median_rgb(channels: np.ndarray) -> np.ndarray:
     flat = channels.reshape(3, -1)
     half = flat.shape[1] // 2
     upper = np.partition(flat, half, axis=1)  # np.median sorts more than it needs to; this is 10x faster
     return (upper[:, half] + upper[:, :half].max(axis=1)) / 2 if flat.shape[1] % 2 == 0 else upper[:, half]
 
 
-def _on_line(channels: np.ndarray, start: np.ndarray, end, along_min: float, off_line_max: float) -> np.ndarray:
+def on_colour_line(channels: np.ndarray, start: np.ndarray, end, along_min: float, off_line_max: float) -> np.ndarray:
     """Pixels whose colour lies near the line from `start` to `end`, at least `along_min` of the way: [H, W] bool.
 
     A blurred edge between two colours is a mix of them, on this line; noise and third colours are off it.
@@ -85,7 +85,7 @@ def _on_line(channels: np.ndarray, start: np.ndarray, end, along_min: float, off
     return (along > along_min) & (off_line_sq < off_line_max**2)
 
 
-def _distance_sq(channels: np.ndarray, rgb) -> np.ndarray:
+def distance_sq(channels: np.ndarray, rgb) -> np.ndarray:
     """Squared RGB distance of every pixel to one colour, [H, W]."""
     r, g, b = (float(v) for v in rgb)
     return (channels[0] - r) ** 2 + (channels[1] - g) ** 2 + (channels[2] - b) ** 2
@@ -117,8 +117,8 @@ def read_setting(frame: np.ndarray, config: WorldConfig = WorldConfig()) -> Sett
     Raises:
         ShapeError: a frame not of the config's size.
     """
-    channels = _channels(frame, config)
-    median = _median_rgb(channels)
+    channels = colour_planes(frame, config)
+    median = median_rgb(channels)
     keys, grounds = _grounds()
     distances = np.linalg.norm(grounds - median, axis=1)
     terrain, time, weather = keys[int(distances.argmin())]
@@ -126,7 +126,7 @@ def read_setting(frame: np.ndarray, config: WorldConfig = WorldConfig()) -> Sett
         return SettingReading(terrain, weather, time, float(distances.min()), 0)
     mask = np.zeros(channels.shape[1:], dtype=bool)
     for particle in (sprite_rgb(RAIN_RGB, time, Weather.RAIN), sprite_rgb(SNOWFLAKE_RGB, time, Weather.SNOWFALL)):
-        mask |= _on_line(channels, median, particle, PARTICLE_ALONG_MIN, PARTICLE_OFF_LINE_DISTANCE)
+        mask |= on_colour_line(channels, median, particle, PARTICLE_ALONG_MIN, PARTICLE_OFF_LINE_DISTANCE)
     # every particle is at least 2 px wide; noise that crosses the line does so in lone pixels
     paired = np.zeros_like(mask)
     paired[:, 1:] |= mask[:, 1:] & mask[:, :-1]
@@ -150,26 +150,26 @@ def read_agent(frame: np.ndarray, config: WorldConfig = WorldConfig()) -> AgentR
     Raises:
         ShapeError: a frame not of the config's size.
     """
-    channels = _channels(frame, config)
+    channels = colour_planes(frame, config)
     colours = list(AGENT_RGB)
-    distance_sq = [_distance_sq(channels, AGENT_RGB[colour]) for colour in colours]
-    counts = [int((d < AGENT_CORE_DISTANCE**2).sum()) for d in distance_sq]
+    distances = [distance_sq(channels, AGENT_RGB[colour]) for colour in colours]
+    counts = [int((d < AGENT_CORE_DISTANCE**2).sum()) for d in distances]
     radius = config.agent_radius_px
     smallest = min(int(agent_mask(shape, radius).sum()) for shape in AgentShape)
     best = int(np.argmax(counts))
     if counts[best] < AGENT_CORE_SHARE_MIN * smallest:
         return None
     colour = colours[best]
-    rows, cols = np.nonzero(distance_sq[best] < AGENT_CORE_DISTANCE**2)
+    rows, cols = np.nonzero(distances[best] < AGENT_CORE_DISTANCE**2)
     # the mask, in a window around the sure core: pixels on the ground-to-agent colour line, past its middle
     cy, cx = int(round(rows.mean())), int(round(cols.mean()))
     reach = radius + 4  # the triangle's centroid sits ~r/3 below its centre; 1 px more for a blur
     top, left = max(cy - reach, 0), max(cx - reach, 0)
-    ground = _median_rgb(channels)
+    ground = median_rgb(channels)
     if np.linalg.norm(AGENT_RGB[colour] - ground) < AGENT_CORE_DISTANCE:  # a garbled frame: no ground to tell it from
         return None
     window = channels[:, top : cy + reach + 1, left : cx + reach + 1]
-    mask = _on_line(window, ground, AGENT_RGB[colour], 0.5, AGENT_OFF_LINE_DISTANCE)
+    mask = on_colour_line(window, ground, AGENT_RGB[colour], 0.5, AGENT_OFF_LINE_DISTANCE)
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
         return None

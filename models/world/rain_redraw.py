@@ -19,7 +19,7 @@ import numpy as np
 
 from framecast.models.errors import ShapeError
 from framecast.models.world.ground_truth import (
-    AGENT_OFF_LINE_DISTANCE, PARTICLE_ALONG_MIN, PARTICLE_OFF_LINE_DISTANCE, _channels, _median_rgb, _on_line,
+    AGENT_OFF_LINE_DISTANCE, PARTICLE_ALONG_MIN, PARTICLE_OFF_LINE_DISTANCE, colour_planes, median_rgb, on_colour_line,
 )
 from framecast.models.world.palette import AGENT_RGB, RAIN_RGB, SNOWFLAKE_RGB, sprite_rgb
 from framecast.models.world.prompt import SceneSettings
@@ -75,9 +75,9 @@ def redraw_rain(
         raise ShapeError(f"frames of shape {frames.shape}; expected [F, {config.height}, {config.width}, 3]")
     rain = sprite_rgb(RAIN_RGB, settings.time, Weather.RAIN)
     flake = sprite_rgb(SNOWFLAKE_RGB, settings.time, Weather.SNOWFALL)
-    channels = [_channels(frame, config) for frame in frames]
-    grounds = [_median_rgb(c) for c in channels]
-    particles = np.stack([_on_line(c, g, rain, PARTICLE_ALONG_MIN, PARTICLE_OFF_LINE_DISTANCE)
+    channels = [colour_planes(frame, config) for frame in frames]
+    grounds = [median_rgb(c) for c in channels]
+    particles = np.stack([on_colour_line(c, g, rain, PARTICLE_ALONG_MIN, PARTICLE_OFF_LINE_DISTANCE)
                           for c, g in zip(channels, grounds)])
     phase = rain_phase(particles, config)
     layers = rain_layers(config)
@@ -86,8 +86,8 @@ def redraw_rain(
     for f, (c, ground) in enumerate(zip(channels, grounds)):
         wipe = np.zeros(c.shape[1:], dtype=bool)
         for colour in (rain, flake):  # a wrong weather's flakes go too
-            wipe |= _on_line(c, ground, colour, WIPE_ALONG_MIN, PARTICLE_OFF_LINE_DISTANCE)
-        under_agent = _on_line(c, ground, agent, AGENT_KEEP_ALONG_MIN, AGENT_OFF_LINE_DISTANCE)
+            wipe |= on_colour_line(c, ground, colour, WIPE_ALONG_MIN, PARTICLE_OFF_LINE_DISTANCE)
+        under_agent = on_colour_line(c, ground, agent, AGENT_KEEP_ALONG_MIN, AGENT_OFF_LINE_DISTANCE)
         redrawn[f][wipe & ~under_agent] = np.clip(np.rint(ground), 0, 255).astype(np.uint8)
         redrawn[f][layers[(phase + f) % len(layers)] & ~under_agent] = rain
     return redrawn, phase
