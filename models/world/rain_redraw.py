@@ -62,10 +62,11 @@ def rain_phase(particles: np.ndarray, config: WorldConfig = WorldConfig()) -> in
 
 
 def redraw_rain(
-    frames: np.ndarray, settings: SceneSettings, config: WorldConfig = WorldConfig(),
+    frames: np.ndarray, settings: SceneSettings, config: WorldConfig = WorldConfig(), phase: int | None = None,
 ) -> tuple[np.ndarray, int]:
     """Consecutive frames (uint8 [F, H, W, 3]) of a rain scene with their rain drawn again in full at the phase
-    their own particles sit at; returns the new frames and the first frame's phase.
+    their own particles sit at (or at `phase`, the first frame's, when given: a stream whose rain phase is already
+    known); returns the new frames and the first frame's phase.
 
     Raises:
         ShapeError: frames not [F, H, W, 3] of the config's size.
@@ -77,10 +78,12 @@ def redraw_rain(
     flake = sprite_rgb(SNOWFLAKE_RGB, settings.time, Weather.SNOWFALL)
     channels = [colour_planes(frame, config) for frame in frames]
     grounds = [median_rgb(c) for c in channels]
-    particles = np.stack([on_colour_line(c, g, rain, PARTICLE_ALONG_MIN, PARTICLE_OFF_LINE_DISTANCE)
-                          for c, g in zip(channels, grounds)])
-    phase = rain_phase(particles, config)
     layers = rain_layers(config)
+    if phase is None:
+        particles = np.stack([on_colour_line(c, g, rain, PARTICLE_ALONG_MIN, PARTICLE_OFF_LINE_DISTANCE)
+                              for c, g in zip(channels, grounds)])
+        phase = rain_phase(particles, config)
+    phase %= len(layers)
     agent = AGENT_RGB[settings.agent_colour]
     redrawn = np.array(frames, dtype=np.uint8, copy=True)
     for f, (c, ground) in enumerate(zip(channels, grounds)):

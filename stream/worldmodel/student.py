@@ -278,16 +278,11 @@ class AgentLocator:
         return xy
 
     @torch.no_grad()
-    def redraw(self, latents: Tensor, wanted: Sequence[SceneSettings], rain: bool = False) -> tuple[Tensor, Tensor]:
+    def redraw(self, latents: Tensor, wanted: Sequence[SceneSettings]) -> tuple[Tensor, Tensor]:
         """The latents re-encoded from their frames with the agent redrawn as `wanted[b]` asks
         (`models.world.agent_redraw`), and where it was drawn ([B, F, 2] px, NaN where no agent was read: those
-        frames come back re-encoded as they were). `rain`: first redraw the rain of clips whose scene has rain
-        (`models.world.rain_redraw`, the chunk's frames at consecutive phases)."""
+        frames come back re-encoded as they were)."""
         frames = self._frames(latents)
-        if rain:
-            for b, clip in enumerate(frames):
-                if wanted[b].weather is Weather.RAIN:
-                    frames[b] = redraw_rain(clip, wanted[b])[0]
         xy = torch.full((*frames.shape[:2], 2), float("nan"))
         for b, clip in enumerate(frames):
             for f, frame in enumerate(clip):
@@ -297,14 +292,33 @@ class AgentLocator:
         encoded = self.autoencoder.encode(frames_to_tensor(frames)).to(latents.device, latents.dtype)
         return encoded, xy
 
+    @torch.no_grad()
+    def redraw_rain(self, latents: Tensor, wanted: Sequence[SceneSettings], phases: list[int | None]) -> Tensor:
+        """The latents with, in clips whose `wanted` scene has rain, the world's whole rain drawn over their frames
+        (`models.world.rain_redraw`) at `phases[b]` (the phase of the chunk's first frame), or where None at the
+        phase the frames draw it, which is then written into `phases`; other clips come back as they were."""
+        rainy = [b for b, scene in enumerate(wanted) if scene.weather is Weather.RAIN]
+        if not rainy:
+            return latents
+        frames = self._frames(latents[rainy])
+        for i, b in enumerate(rainy):
+            frames[i], phases[b] = redraw_rain(frames[i], wanted[b], phase=phases[b])
+        redrawn = latents.clone()
+        redrawn[rainy] = self.autoencoder.encode(frames_to_tensor(frames)).to(latents.device, latents.dtype)
+        return redrawn
+
 
 def distillation_target(
     settings: StudentSettings, theirs: GuidedTeacher, x: Tensor, sigma: float, actions: Tensor,
     generator: torch.Generator, locate_agent: AgentLocator | None, wanted: Sequence[SceneSettings] = (),
+    rain_phases: list[int | None] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The clean latents the student's estimate at `sigma` is regressed onto (`StudentSettings.target_sampler`), and
     where the agent is in them when that was read on the way ([B, F, 2], else None). `wanted`: each clip's scene
-    in this chunk (for "agent-redraw")."""
+    in this chunk (for "agent-redraw" and "scene-redraw"). `rain_phases` ("scene-redraw"): the phase of each clip's
+    rain at the chunk's first frame, None where the rollout has not drawn rain yet (then read from the target and
+    written back): the caller moves them on by a chunk, so that a rollout's rain keeps one phase, as the world's
+    does (targets at phases read afresh from each chunk's faint rain disagree, and a regression onto them fades it)."""
     args = (theirs, x, sigma, theirs.text, theirs.memory, actions, settings.teacher_substeps)
     if settings.target_sampler == "ode":
         return teacher_target(*args), None
@@ -316,15 +330,16 @@ def distillation_target(
     redraws = settings.target_sampler in ("agent-redraw", "scene-redraw")
     if redraws and len(wanted) != len(x):
         raise ConfigError(f"target_sampler={settings.target_sampler!r} needs the wanted scene of each of the {len(x)} clips")
-    if settings.target_sampler == "agent-redraw":
+    if redraws:
         sample, xy = locate_agent.redraw(sample, wanted)
     else:
         xy = locate_agent(sample)
     near = agent_weights(torch.nan_to_num(xy, nan=-1e6).to(x.device), x.shape[-1], 1.0) > 1  # [B, F, h, w]
     target = torch.where(near[:, :, None], sample, teacher_target(*args))
     if settings.target_sampler == "scene-redraw":  # the rain covers the whole frame: redraw the composed target
-        target, xy = locate_agent.redraw(target, wanted, rain=True)
-        target = target.float()
+        if rain_phases is None or len(rain_phases) != len(x):
+            raise ConfigError(f"target_sampler='scene-redraw' needs the rain phase (or None) of each of the {len(x)} clips")
+        target = locate_agent.redraw_rain(target, wanted, rain_phases)
     return target, xy
 
 
@@ -339,6 +354,7 @@ def rollout_loss(
     index, switch_chunk = pick_rollout_clips(clips, settings.batch, settings.rollout_chunks, rng)
     tokens, actions = clips.tokens[index].to(device), clips.actions[index].to(device)
     mine, theirs = Rollout(student), GuidedTeacher(teacher, settings.guidance)
+    rain_phases: list[int | None] = [None] * settings.batch
     losses = []
     # bf16 autocast throughout (the context passes included: the engine streams in bf16); losses in float32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bfloat16_autocast)
@@ -348,6 +364,7 @@ def rollout_loss(
             with torch.no_grad():
                 prompt = text_encoder(tokens[:, frames.start])
             wanted = [tokens_settings(ids.tolist()) for ids in tokens[:, frames.start]]
+            rain_phases = [None] * settings.batch  # a switch into rain may start it at any phase
             with autocast:
                 mine.set_prompt(prompt, recache=chunk > 0)
             theirs.set_prompt(prompt, recache=chunk > 0)
@@ -364,7 +381,7 @@ def rollout_loss(
         step = schedule[exit_step]
         with torch.no_grad():
             target, xy = distillation_target(settings, theirs, x, step.sigma, chunk_actions, generator,
-                                             locate_agent, wanted)
+                                             locate_agent, wanted, rain_phases)
         mine.memory.begin_chunk(CHUNK_FRAMES)
         with autocast:
             timesteps = torch.full(chunk_actions.shape, step.timestep, device=device)
@@ -382,6 +399,7 @@ def rollout_loss(
         with autocast:
             mine.commit(clean, chunk_actions)
         theirs.commit(clean.to(teacher.dtype), chunk_actions)
+        rain_phases = [None if phase is None else phase + CHUNK_FRAMES for phase in rain_phases]
     return float(np.mean(losses)), steps_used
 
 

@@ -318,11 +318,18 @@ def test_the_scene_redraw_draws_the_rain_in_full_over_encoded_frames_with_thin_r
         frames[t] = thin
     autoencoder = load_autoencoder(WEIGHTS_DIR / AUTOENCODER_FILE)
     with torch.no_grad():
-        latents = autoencoder.encode(frames_to_tensor(frames)[None])
+        latents = autoencoder.encode(frames_to_tensor(frames)[None]).repeat(2, 1, 1, 1, 1)
     locator = AgentLocator(autoencoder)
-    for with_rain, weather in ((False, Weather.CLEAR), (True, Weather.RAIN)):
-        redrawn, xy = locator.redraw(latents, [rain], rain=with_rain)
-        with torch.no_grad():
-            decoded = tensor_to_frames(autoencoder.decode(redrawn)[0])[0].numpy()
-        assert [read_setting(frame).weather for frame in decoded] == [weather] * 3
-        assert not torch.isnan(xy).any()
+    clear = dataclasses.replace(rain, weather=Weather.CLEAR)
+    phases = [None, None]
+    redrawn = locator.redraw_rain(latents, [rain, clear], phases)
+    assert phases[0] == worlds[0].state.frame_index - 2 and phases[1] is None  # read from the frames; clear: none
+    assert torch.equal(redrawn[1], latents[1])  # a clip without rain comes back as it was
+    with torch.no_grad():
+        decoded = tensor_to_frames(autoencoder.decode(redrawn)[0]).numpy()
+        before = tensor_to_frames(autoencoder.decode(latents)[0]).numpy()
+    assert [read_setting(frame).weather for frame in before[0]] == [Weather.CLEAR] * 3
+    assert [read_setting(frame).weather for frame in decoded[0]] == [Weather.RAIN] * 3
+    moved = [phases[0] + 5, None]  # a phase the rollout already knows is kept
+    other = locator.redraw_rain(latents, [rain, clear], moved)
+    assert moved[0] == phases[0] + 5 and not torch.allclose(other[0], redrawn[0])
