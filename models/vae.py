@@ -122,6 +122,11 @@ class FeatureCache:
         self._frames: list[Tensor | None] = [None] * slots
         self.latent_frames = 0
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the frames the cache holds (a stream's decoder state, flat however long it runs)."""
+        return sum(t.nbytes for t in self._frames if t is not None)
+
     def exchange(self, slot: int, frames: Tensor) -> Tensor | None:
         """Stores `frames` in the slot; returns what it held before (None at the stream start)."""
         previous, self._frames[slot] = self._frames[slot], frames

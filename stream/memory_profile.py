@@ -517,7 +517,7 @@ def measure_stream(setup: StreamSetup, chunks: int = 3, device: torch.device | s
             return vae.decode_frames(latents.transpose(1, 2), vae_cache)
 
         def cache_bytes() -> int:
-            return sum(t.nbytes for t in vae_cache._frames if t is not None)  # FeatureCache keeps its slots private
+            return vae_cache.nbytes
 
         decoder_model: torch.nn.Module = vae
     else:

@@ -119,6 +119,17 @@ def test_reset_starts_a_new_stream(fixture: dict, model: WanVAE) -> None:
     assert torch.equal(first, again)
 
 
+def test_the_cache_holds_as_many_bytes_after_many_chunks_as_after_two(fixture: dict, model: WanVAE) -> None:
+    z, cache = fixture["z"], model.new_cache()
+    assert cache.nbytes == 0
+    sizes = []
+    with torch.inference_mode():
+        for _ in range(4):
+            model.decode_frames(z[:, :, :3], cache)
+            sizes.append(cache.nbytes)
+    assert sizes[0] > 0 and sizes[1] == sizes[2] == sizes[3]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Decoder interface
 
