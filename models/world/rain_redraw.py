@@ -61,6 +61,17 @@ def rain_phase(particles: np.ndarray, config: WorldConfig = WorldConfig()) -> in
     return int(score.argmax())
 
 
+def read_rain_phase(frames: np.ndarray, settings: SceneSettings, config: WorldConfig = WorldConfig()) -> int:
+    """The phase of the first of these consecutive frames (uint8 [F, H, W, 3]) whose rain pattern best covers the
+    particles they draw in `settings`' lit rain colour."""
+    rain = sprite_rgb(RAIN_RGB, settings.time, Weather.RAIN)
+    particles = []
+    for frame in frames:
+        planes = colour_planes(frame, config)
+        particles.append(on_colour_line(planes, median_rgb(planes), rain, PARTICLE_ALONG_MIN, PARTICLE_OFF_LINE_DISTANCE))
+    return rain_phase(np.stack(particles), config)
+
+
 def redraw_rain(
     frames: np.ndarray, settings: SceneSettings, config: WorldConfig = WorldConfig(), phase: int | None = None,
 ) -> tuple[np.ndarray, int]:
@@ -79,11 +90,7 @@ def redraw_rain(
     channels = [colour_planes(frame, config) for frame in frames]
     grounds = [median_rgb(c) for c in channels]
     layers = rain_layers(config)
-    if phase is None:
-        particles = np.stack([on_colour_line(c, g, rain, PARTICLE_ALONG_MIN, PARTICLE_OFF_LINE_DISTANCE)
-                              for c, g in zip(channels, grounds)])
-        phase = rain_phase(particles, config)
-    phase %= len(layers)
+    phase = (read_rain_phase(frames, settings, config) if phase is None else phase) % len(layers)
     agent = AGENT_RGB[settings.agent_colour]
     redrawn = np.array(frames, dtype=np.uint8, copy=True)
     for f, (c, ground) in enumerate(zip(channels, grounds)):

@@ -79,18 +79,18 @@ TARGET_TEXTS["agent-redraw"] = TARGET_TEXTS["agent-renoise"] + (
 
 TARGET_TEXTS["scene-redraw"] = TARGET_TEXTS["agent-redraw"] + (
     " In rain scenes the whole composed target is then decoded and its rain drawn again by the world "
-    "(`models/world/rain_redraw.py`) before the agent: rain is one fixed pattern of streaks falling a fixed step per "
-    "frame, so the phase whose streaks best cover the particles the teacher drew (the chunk's frames at consecutive "
-    "phases) says where every streak is; the drawn particles are wiped to the ground colour and the full pattern "
-    "painted in the prompt's lit rain colour, under the agent. The phase is read once per rollout, from its first "
-    "rain chunk, and then moved on by the chunk's length, as the world's own rain moves, and only rain clips go "
-    "through the autoencoder again. A first version read the phase afresh from every chunk's faint rain (phases "
-    "that can disagree from chunk to chunk, which a squared error averages away) and re-encoded every clip's "
-    "target; 113 rollouts of it took weather on the eval script from 92.7% to 64.7%: the student's rain and "
-    "snowfall faded. Why redraw the rain at all: the student drew about a third of the world's "
-    "rain pixels (300-450 of ~1,080 per frame), and on snow, where the streaks are faint, that falls under the "
-    "reader's 25% and reads as clear weather (run 8's student on the 1,800-frame eval script: 112 of its 125 "
-    "misread rain frames were on snow)."
+    "(`models/world/rain_redraw.py`): rain is one fixed pattern of streaks falling a fixed step per frame, so one "
+    "phase says where every streak is. The drawn particles are wiped to the ground colour and the full pattern is "
+    "painted at the phase the student's own clean estimate draws its rain (the chunk's frames at consecutive "
+    "phases), in the prompt's lit rain colour, under the agent; only rain clips go through the autoencoder again. "
+    "The phase must be the student's: where rain falls after a switch into rain is free, and a target at a phase "
+    "the student's input does not decide is, to a squared error, rain averaged away. Two first versions read the "
+    "phase from the teacher's answer (afresh every chunk, then once per rollout and moved on a chunk at a time); "
+    "about 100 rollouts of either took weather on the eval script from 92.7% to 65%, the student's rain fading "
+    "to nothing. Why redraw the rain at all: the student drew about a third of the world's rain pixels (300-450 "
+    "of ~1,080 per frame), and on snow, where the streaks are faint, that falls under the reader's 25% and reads "
+    "as clear weather (run 8's student on the 1,800-frame eval script: 112 of its 125 misread rain frames were on "
+    "snow)."
 )
 
 

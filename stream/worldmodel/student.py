@@ -43,7 +43,7 @@ from framecast.models.world.autoencoder import WorldAutoencoder, frames_to_tenso
 from framecast.models.world.ground_truth import read_agent
 from framecast.models.world.latent_clips import LatentClips
 from framecast.models.world.prompt import SceneSettings
-from framecast.models.world.rain_redraw import redraw_rain
+from framecast.models.world.rain_redraw import read_rain_phase, redraw_rain
 from framecast.models.world.text_encoder import WorldTextEncoder, load_text_encoder, tokens_settings
 from framecast.models.world.vocabulary import Weather
 from framecast.stream.sampler import FlowMatchSchedule, Step, renoise, to_clean
@@ -293,16 +293,27 @@ class AgentLocator:
         return encoded, xy
 
     @torch.no_grad()
-    def redraw_rain(self, latents: Tensor, wanted: Sequence[SceneSettings], phases: list[int | None]) -> Tensor:
+    def rain_phases(self, latents: Tensor, wanted: Sequence[SceneSettings]) -> list[int | None]:
+        """The phase of the rain each clip's latents draw at their first frame (`read_rain_phase`); None for clips
+        whose `wanted` scene has no rain."""
+        rainy = [b for b, scene in enumerate(wanted) if scene.weather is Weather.RAIN]
+        phases: list[int | None] = [None] * len(wanted)
+        if rainy:
+            for clip, b in zip(self._frames(latents[rainy]), rainy):
+                phases[b] = read_rain_phase(clip, wanted[b])
+        return phases
+
+    @torch.no_grad()
+    def redraw_rain(self, latents: Tensor, wanted: Sequence[SceneSettings], phases: Sequence[int | None]) -> Tensor:
         """The latents with, in clips whose `wanted` scene has rain, the world's whole rain drawn over their frames
-        (`models.world.rain_redraw`) at `phases[b]` (the phase of the chunk's first frame), or where None at the
-        phase the frames draw it, which is then written into `phases`; other clips come back as they were."""
+        (`models.world.rain_redraw`) at `phases[b]` (the phase of the chunk's first frame; None: the phase the frames
+        draw it at); other clips come back as they were."""
         rainy = [b for b, scene in enumerate(wanted) if scene.weather is Weather.RAIN]
         if not rainy:
             return latents
         frames = self._frames(latents[rainy])
         for i, b in enumerate(rainy):
-            frames[i], phases[b] = redraw_rain(frames[i], wanted[b], phase=phases[b])
+            frames[i] = redraw_rain(frames[i], wanted[b], phase=phases[b])[0]
         redrawn = latents.clone()
         redrawn[rainy] = self.autoencoder.encode(frames_to_tensor(frames)).to(latents.device, latents.dtype)
         return redrawn
@@ -311,14 +322,14 @@ class AgentLocator:
 def distillation_target(
     settings: StudentSettings, theirs: GuidedTeacher, x: Tensor, sigma: float, actions: Tensor,
     generator: torch.Generator, locate_agent: AgentLocator | None, wanted: Sequence[SceneSettings] = (),
-    rain_phases: list[int | None] | None = None,
+    rain_phases: Sequence[int | None] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The clean latents the student's estimate at `sigma` is regressed onto (`StudentSettings.target_sampler`), and
     where the agent is in them when that was read on the way ([B, F, 2], else None). `wanted`: each clip's scene
-    in this chunk (for "agent-redraw" and "scene-redraw"). `rain_phases` ("scene-redraw"): the phase of each clip's
-    rain at the chunk's first frame, None where the rollout has not drawn rain yet (then read from the target and
-    written back): the caller moves them on by a chunk, so that a rollout's rain keeps one phase, as the world's
-    does (targets at phases read afresh from each chunk's faint rain disagree, and a regression onto them fades it)."""
+    in this chunk (for "agent-redraw" and "scene-redraw"). `rain_phases` ("scene-redraw"): the phase at which to draw
+    each clip's rain at the chunk's first frame, the one the student's own estimate draws (`AgentLocator.rain_phases`):
+    what the student draws is then drawn in full, never rain at a phase its input does not decide (where falling
+    rain is after a switch into rain is free: a regression onto a random phase averages the rain away)."""
     args = (theirs, x, sigma, theirs.text, theirs.memory, actions, settings.teacher_substeps)
     if settings.target_sampler == "ode":
         return teacher_target(*args), None
@@ -354,7 +365,6 @@ def rollout_loss(
     index, switch_chunk = pick_rollout_clips(clips, settings.batch, settings.rollout_chunks, rng)
     tokens, actions = clips.tokens[index].to(device), clips.actions[index].to(device)
     mine, theirs = Rollout(student), GuidedTeacher(teacher, settings.guidance)
-    rain_phases: list[int | None] = [None] * settings.batch
     losses = []
     # bf16 autocast throughout (the context passes included: the engine streams in bf16); losses in float32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bfloat16_autocast)
@@ -364,7 +374,6 @@ def rollout_loss(
             with torch.no_grad():
                 prompt = text_encoder(tokens[:, frames.start])
             wanted = [tokens_settings(ids.tolist()) for ids in tokens[:, frames.start]]
-            rain_phases = [None] * settings.batch  # a switch into rain may start it at any phase
             with autocast:
                 mine.set_prompt(prompt, recache=chunk > 0)
             theirs.set_prompt(prompt, recache=chunk > 0)
@@ -379,14 +388,16 @@ def rollout_loss(
                 x0 = to_clean(x.float(), student(x, timesteps, mine.text, mine.memory, chunk_actions).float(), step.sigma)
                 x = (1 - step.next_sigma) * x0 + step.next_sigma * torch.randn(shape, generator=generator).to(device)
         step = schedule[exit_step]
-        with torch.no_grad():
-            target, xy = distillation_target(settings, theirs, x, step.sigma, chunk_actions, generator,
-                                             locate_agent, wanted, rain_phases)
         mine.memory.begin_chunk(CHUNK_FRAMES)
         with autocast:
             timesteps = torch.full(chunk_actions.shape, step.timestep, device=device)
             flow = student(x, timesteps, mine.text, mine.memory, chunk_actions)
         x0 = x - step.sigma * flow.float()
+        redraws_rain = settings.target_sampler == "scene-redraw" and locate_agent is not None
+        rain_phases = locate_agent.rain_phases(x0.detach(), wanted) if redraws_rain else None
+        with torch.no_grad():
+            target, xy = distillation_target(settings, theirs, x, step.sigma, chunk_actions, generator,
+                                             locate_agent, wanted, rain_phases)
         error = ((x0 - target) ** 2).mean(dim=2)  # [B, F, h, w]
         if locate_agent is not None and settings.agent_weight:
             xy = locate_agent(target) if xy is None else xy
@@ -399,7 +410,6 @@ def rollout_loss(
         with autocast:
             mine.commit(clean, chunk_actions)
         theirs.commit(clean.to(teacher.dtype), chunk_actions)
-        rain_phases = [None if phase is None else phase + CHUNK_FRAMES for phase in rain_phases]
     return float(np.mean(losses)), steps_used
 
 

@@ -321,15 +321,42 @@ def test_the_scene_redraw_draws_the_rain_in_full_over_encoded_frames_with_thin_r
         latents = autoencoder.encode(frames_to_tensor(frames)[None]).repeat(2, 1, 1, 1, 1)
     locator = AgentLocator(autoencoder)
     clear = dataclasses.replace(rain, weather=Weather.CLEAR)
-    phases = [None, None]
+    phases = locator.rain_phases(latents, [rain, clear])
+    assert phases == [worlds[0].state.frame_index - 2, None]  # the thin rain's own phase; a clear clip has none
     redrawn = locator.redraw_rain(latents, [rain, clear], phases)
-    assert phases[0] == worlds[0].state.frame_index - 2 and phases[1] is None  # read from the frames; clear: none
     assert torch.equal(redrawn[1], latents[1])  # a clip without rain comes back as it was
     with torch.no_grad():
         decoded = tensor_to_frames(autoencoder.decode(redrawn)[0]).numpy()
         before = tensor_to_frames(autoencoder.decode(latents)[0]).numpy()
     assert [read_setting(frame).weather for frame in before[0]] == [Weather.CLEAR] * 3
     assert [read_setting(frame).weather for frame in decoded[0]] == [Weather.RAIN] * 3
-    moved = [phases[0] + 5, None]  # a phase the rollout already knows is kept
-    other = locator.redraw_rain(latents, [rain, clear], moved)
-    assert moved[0] == phases[0] + 5 and not torch.allclose(other[0], redrawn[0])
+    assert locator.rain_phases(redrawn, [rain, clear]) == phases
+    other = locator.redraw_rain(latents, [rain, clear], [phases[0] + 5, None])  # drawn where it is asked
+    assert locator.rain_phases(other, [rain, clear]) == [phases[0] + 5, None]
+
+
+def test_a_scene_redraw_rollout_in_rain_regresses_onto_full_rain_at_the_students_own_phase(monkeypatch):
+    from framecast.models.world.autoencoder import load_autoencoder
+    from framecast.models.world.prompt import SceneSettings
+    from framecast.models.world.text_encoder import settings_tokens
+    from framecast.models.world.vocabulary import Weather
+    from framecast.stream.worldmodel.recipe import AUTOENCODER_FILE, WEIGHTS_DIR
+    from framecast.stream.worldmodel.student import AgentLocator
+
+    teacher = tiny_dit(2, torch.float32)
+    student = CausalWanDiT(TINY).train()
+    student.load_state_dict(teacher.state_dict())
+    clips = clips_with_switches(count=4, frames=9)
+    clips.tokens[:] = torch.tensor(settings_tokens(SceneSettings(weather=Weather.RAIN)))
+    locator = AgentLocator(load_autoencoder(WEIGHTS_DIR / AUTOENCODER_FILE))
+    asked, read = [], []
+    original_redraw, original_phases = locator.redraw_rain, locator.rain_phases
+    monkeypatch.setattr(locator, "rain_phases", lambda *a: read.append(original_phases(*a)) or read[-1])
+    monkeypatch.setattr(locator, "redraw_rain", lambda latents, wanted, phases: asked.append(list(phases))
+                        or original_redraw(latents, wanted, phases))
+    settings = StudentSettings(batch=2, rollout_chunks=3, teacher_substeps=2, target_sampler="scene-redraw")
+    loss, _ = rollout_loss(student, teacher, WorldTextEncoder(TextEncoderConfig(width=64)).requires_grad_(False), clips,
+                           settings, np.random.default_rng(0), torch.Generator().manual_seed(0), torch.device("cpu"),
+                           locator)
+    assert np.isfinite(loss) and len(asked) == 3
+    assert asked == read and all(isinstance(p, int) for phases in asked for p in phases)
