@@ -83,14 +83,14 @@ TARGET_TEXTS["scene-redraw"] = TARGET_TEXTS["agent-redraw"] + (
     "phase says where every streak is. The drawn particles are wiped to the ground colour and the full pattern is "
     "painted at the phase the student's own clean estimate draws its rain (the chunk's frames at consecutive "
     "phases), in the prompt's lit rain colour, under the agent; only rain clips go through the autoencoder again. "
-    "The phase must be the student's: where rain falls after a switch into rain is free, and a target at a phase "
-    "the student's input does not decide is, to a squared error, rain averaged away. Two first versions read the "
-    "phase from the teacher's answer (afresh every chunk, then once per rollout and moved on a chunk at a time); "
-    "113 rollouts of the first took weather on the eval script from 92.7% to 64.7%, and after 98 of the second "
-    "the rain scenes of a 600-frame probe showed no rain the reader could see: the student's rain faded away. Why redraw the rain at all: the student drew about a third of the world's rain pixels (300-450 "
-    "of ~1,080 per frame), and on snow, where the streaks are faint, that falls under the reader's 25% and reads "
-    "as clear weather (run 8's student on the 1,800-frame eval script: 112 of its 125 misread rain frames were on "
-    "snow)."
+    "Why: the run-8 student drew about a third of the world's rain pixels (300-450 of ~1,080 per frame), and on "
+    "snow, where the streaks are faint, that falls under the reader's 25% and reads as clear weather (112 of its "
+    "125 misread rain frames on the 1,800-frame eval script were on snow). Not yet a recipe that works: with the "
+    "phase read from the teacher's answer afresh every chunk, then once per rollout, then (this version) from the "
+    "student's own estimate, about 100 rollouts each faded the student's rain instead (weather on the eval script "
+    "92.7% -> 64.7% for the first; no rain the reader could see in a 600-frame probe's rain scenes for the others). "
+    "Where the input does not decide the phase (after a switch into rain; any estimate from high noise, and every "
+    "1-step rollout starts there) the redrawn rain is at a random phase, which a squared error averages away."
 )
 
 
