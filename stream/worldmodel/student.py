@@ -71,7 +71,7 @@ class StudentSettings:
     # sprite redrawn by the world over the teacher's sample where it drew the agent (`AgentLocator.redraw`);
     # "scene-redraw" is "agent-redraw" with, in rain scenes, the world's rain redrawn in full over the whole target
     # at the phase the student's own estimate draws it (`models/world/rain_redraw.py`: a thinned rain reads as clear
-    # weather); not the default: in ~100 rollouts each of three versions the student's rain faded (MODEL_CARD.md)
+    # weather); not the default: in ~100 rollouts each of three versions the student's rain faded (RUN_HISTORY.md)
     target_sampler: str = "agent-redraw"
     teacher_substeps: int = 8
     # classifier-free guidance of the teacher's flow (1: none): null + scale x (prompt - null), the null prompt being
