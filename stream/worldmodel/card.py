@@ -295,8 +295,10 @@ def _targets(results: dict, speed: dict | None) -> list[str]:
     if "drift" in results:
         worst = max(abs(results["drift"]["difference"][k]) for k in ("prompt_adherence", "action_following"))
         streams = results["settings"].get("long_streams", 1)
+        change = results["drift"]["difference"]
         row(f"drift <= 3 points (first vs last 500 of 5,000 frames, {streams} stream{'s' if streams > 1 else ''})",
-            f"{worst:.1f} points (largest)", worst <= 3)
+            f"{worst:.1f} points (largest; last minus first: adherence {change['prompt_adherence']:+.1f}, actions "
+            f"{change['action_following']:+.1f})", worst <= 3)
     teachers = {name: r for name, r in rows.items() if name.startswith("teacher 32 steps")}
     if student and teachers:  # against every >= 32-step teacher row (plain and guided): the largest shortfall
         keys = ("prompt_adherence", "action_following", "agent_found")
