@@ -84,12 +84,6 @@ class Renderer:
             self._looks[key] = _Look(ground, objects, rain, snowflake)
         return self._looks[key]
 
-    def rain_mask(self, frame_index: int) -> np.ndarray:
-        """[H, W] bool: the pixels the rain covers at this frame index (what `render` paints in rain)."""
-        mask = np.zeros((self.config.height, self.config.width), dtype=bool)
-        self._draw_particles(mask, self._rain_positions(frame_index), rain_streak_offsets(), True)
-        return mask
-
     def _rain_positions(self, frame_index: int) -> np.ndarray:
         return self._rain_heads + frame_index * np.asarray(RAIN_STEP_PX)
 

@@ -77,24 +77,6 @@ TARGET_TEXTS["agent-redraw"] = TARGET_TEXTS["agent-renoise"] + (
     "better. Frames where no single agent is read (none, or two where the teacher was unsure) keep the ODE answer."
 )
 
-TARGET_TEXTS["scene-redraw"] = TARGET_TEXTS["agent-redraw"] + (
-    " In rain scenes the whole composed target is then decoded and its rain drawn again by the world "
-    "(`models/world/rain_redraw.py`): rain is one fixed pattern of streaks falling a fixed step per frame, so one "
-    "phase says where every streak is. The drawn particles are wiped to the ground colour and the full pattern is "
-    "painted at the phase the student's own clean estimate draws its rain (the chunk's frames at consecutive "
-    "phases), in the prompt's lit rain colour, under the agent; only rain clips go through the autoencoder again. "
-    "Why: the run-8 student drew about a third of the world's rain pixels (300-450 of ~1,080 per frame), and on "
-    "snow, where the streaks are faint, that falls under the reader's 25% and reads as clear weather (112 of its "
-    "125 misread rain frames on the 1,800-frame eval script were on snow). Not yet a recipe that works: with the "
-    "phase read from the teacher's answer afresh every chunk, then once per rollout, then (this version) from the "
-    "student's own estimate, about 100 rollouts each faded the student's rain instead (weather on the eval script "
-    "92.7% -> 64.7% for the first; no rain the reader could see in a 600-frame probe's rain scenes for the others). "
-    "The cause: the student's rain is not on the world's one pattern (in the eval script's rain scenes the best "
-    "phase covers its particles only 1.00-1.12 times better than the second best, and jumps from frame to frame), "
-    "so a target at any one phase contradicts its context and a squared error averages the rain away."
-)
-
-
 def _target_text(history: dict | None) -> str:
     """The student's regression target, as its settings name it (older runs predate the choice: the ODE)."""
     settings = (history or {}).get("settings", {})

@@ -43,9 +43,7 @@ from framecast.models.world.autoencoder import WorldAutoencoder, frames_to_tenso
 from framecast.models.world.ground_truth import read_agent
 from framecast.models.world.latent_clips import LatentClips
 from framecast.models.world.prompt import SceneSettings
-from framecast.models.world.rain_redraw import read_rain_phase, redraw_rain
 from framecast.models.world.text_encoder import WorldTextEncoder, load_text_encoder, tokens_settings
-from framecast.models.world.vocabulary import Weather
 from framecast.stream.sampler import FlowMatchSchedule, Step, renoise, to_clean
 from framecast.stream.worldmodel.recipe import (
     AUTOENCODER_FILE, CHUNK_FRAMES, GUIDANCE, SHIFT, STUDENT_STEPS, WEIGHTS_DIR, WINDOW_FRAMES, teacher_step_list,
@@ -53,7 +51,7 @@ from framecast.stream.worldmodel.recipe import (
 from framecast.stream.worldmodel.teacher import CLIPS_FILE, agent_weights, null_text, shifted_sigmas, update_ema
 
 STATE_FILE = "student_state.pt"
-TARGET_SAMPLERS = ("renoise", "ode", "agent-renoise", "agent-redraw", "scene-redraw")
+TARGET_SAMPLERS = ("renoise", "ode", "agent-renoise", "agent-redraw")
 
 
 @dataclass(frozen=True)
@@ -68,10 +66,7 @@ class StudentSettings:
     # shape far worse than the teacher's own sampler does (MODEL_CARD.md); "agent-renoise" takes the teacher's
     # sampler around the agent and the ODE elsewhere (a regression onto a random target blurs what is random in it:
     # falling rain and snow, which the ODE keeps sharp); "agent-redraw" is "agent-renoise" with the prompt's agent
-    # sprite redrawn by the world over the teacher's sample where it drew the agent (`AgentLocator.redraw`);
-    # "scene-redraw" is "agent-redraw" with, in rain scenes, the world's rain redrawn in full over the whole target
-    # at the phase the student's own estimate draws it (`models/world/rain_redraw.py`: a thinned rain reads as clear
-    # weather); not the default: in ~100 rollouts each of three versions the student's rain faded (RUN_HISTORY.md)
+    # sprite redrawn by the world over the teacher's sample where it drew the agent (`AgentLocator.redraw`)
     target_sampler: str = "agent-redraw"
     teacher_substeps: int = 8
     # classifier-free guidance of the teacher's flow (1: none): null + scale x (prompt - null), the null prompt being
@@ -293,44 +288,14 @@ class AgentLocator:
         encoded = self.autoencoder.encode(frames_to_tensor(frames)).to(latents.device, latents.dtype)
         return encoded, xy
 
-    @torch.no_grad()
-    def rain_phases(self, latents: Tensor, wanted: Sequence[SceneSettings]) -> list[int | None]:
-        """The phase of the rain each clip's latents draw at their first frame (`read_rain_phase`); None for clips
-        whose `wanted` scene has no rain."""
-        rainy = [b for b, scene in enumerate(wanted) if scene.weather is Weather.RAIN]
-        phases: list[int | None] = [None] * len(wanted)
-        if rainy:
-            for clip, b in zip(self._frames(latents[rainy]), rainy):
-                phases[b] = read_rain_phase(clip, wanted[b])
-        return phases
-
-    @torch.no_grad()
-    def redraw_rain(self, latents: Tensor, wanted: Sequence[SceneSettings], phases: Sequence[int | None]) -> Tensor:
-        """The latents with, in clips whose `wanted` scene has rain, the world's whole rain drawn over their frames
-        (`models.world.rain_redraw`) at `phases[b]` (the phase of the chunk's first frame; None: the phase the frames
-        draw it at); other clips come back as they were."""
-        rainy = [b for b, scene in enumerate(wanted) if scene.weather is Weather.RAIN]
-        if not rainy:
-            return latents
-        frames = self._frames(latents[rainy])
-        for i, b in enumerate(rainy):
-            frames[i] = redraw_rain(frames[i], wanted[b], phase=phases[b])[0]
-        redrawn = latents.clone()
-        redrawn[rainy] = self.autoencoder.encode(frames_to_tensor(frames)).to(latents.device, latents.dtype)
-        return redrawn
-
 
 def distillation_target(
     settings: StudentSettings, theirs: GuidedTeacher, x: Tensor, sigma: float, actions: Tensor,
     generator: torch.Generator, locate_agent: AgentLocator | None, wanted: Sequence[SceneSettings] = (),
-    rain_phases: Sequence[int | None] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The clean latents the student's estimate at `sigma` is regressed onto (`StudentSettings.target_sampler`), and
     where the agent is in them when that was read on the way ([B, F, 2], else None). `wanted`: each clip's scene
-    in this chunk (for "agent-redraw" and "scene-redraw"). `rain_phases` ("scene-redraw"): the phase at which to draw
-    each clip's rain at the chunk's first frame, the one the student's own estimate draws (`AgentLocator.rain_phases`):
-    what the student draws is then drawn in full, never rain at a phase its input does not decide (where falling
-    rain is after a switch into rain is free: a regression onto a random phase averages the rain away)."""
+    in this chunk (for "agent-redraw")."""
     args = (theirs, x, sigma, theirs.text, theirs.memory, actions, settings.teacher_substeps)
     if settings.target_sampler == "ode":
         return teacher_target(*args), None
@@ -339,20 +304,14 @@ def distillation_target(
         return sample, None
     if locate_agent is None:
         raise ConfigError(f"target_sampler={settings.target_sampler!r} needs the agent locator (an autoencoder)")
-    redraws = settings.target_sampler in ("agent-redraw", "scene-redraw")
-    if redraws and len(wanted) != len(x):
-        raise ConfigError(f"target_sampler={settings.target_sampler!r} needs the wanted scene of each of the {len(x)} clips")
-    if redraws:
+    if settings.target_sampler == "agent-redraw":
+        if len(wanted) != len(x):
+            raise ConfigError(f"target_sampler='agent-redraw' needs the wanted scene of each of the {len(x)} clips")
         sample, xy = locate_agent.redraw(sample, wanted)
     else:
         xy = locate_agent(sample)
     near = agent_weights(torch.nan_to_num(xy, nan=-1e6).to(x.device), x.shape[-1], 1.0) > 1  # [B, F, h, w]
-    target = torch.where(near[:, :, None], sample, teacher_target(*args))
-    if settings.target_sampler == "scene-redraw":  # the rain covers the whole frame: redraw the composed target
-        if rain_phases is None or len(rain_phases) != len(x):
-            raise ConfigError(f"target_sampler='scene-redraw' needs the rain phase (or None) of each of the {len(x)} clips")
-        target = locate_agent.redraw_rain(target, wanted, rain_phases)
-    return target, xy
+    return torch.where(near[:, :, None], sample, teacher_target(*args)), xy
 
 
 def rollout_loss(
@@ -389,16 +348,14 @@ def rollout_loss(
                 x0 = to_clean(x.float(), student(x, timesteps, mine.text, mine.memory, chunk_actions).float(), step.sigma)
                 x = (1 - step.next_sigma) * x0 + step.next_sigma * torch.randn(shape, generator=generator).to(device)
         step = schedule[exit_step]
+        with torch.no_grad():
+            target, xy = distillation_target(settings, theirs, x, step.sigma, chunk_actions, generator,
+                                             locate_agent, wanted)
         mine.memory.begin_chunk(CHUNK_FRAMES)
         with autocast:
             timesteps = torch.full(chunk_actions.shape, step.timestep, device=device)
             flow = student(x, timesteps, mine.text, mine.memory, chunk_actions)
         x0 = x - step.sigma * flow.float()
-        redraws_rain = settings.target_sampler == "scene-redraw" and locate_agent is not None
-        rain_phases = locate_agent.rain_phases(x0.detach(), wanted) if redraws_rain else None
-        with torch.no_grad():
-            target, xy = distillation_target(settings, theirs, x, step.sigma, chunk_actions, generator,
-                                             locate_agent, wanted, rain_phases)
         error = ((x0 - target) ** 2).mean(dim=2)  # [B, F, h, w]
         if locate_agent is not None and settings.agent_weight:
             xy = locate_agent(target) if xy is None else xy
