@@ -308,6 +308,13 @@ def stream_metrics(rollout: Rollout, config: WorldConfig = WorldConfig(), respon
     )
 
 
+def _weighted_mean(pairs: Sequence[tuple[float, float]]) -> float:
+    """The weighted mean of (value, weight) pairs, leaving out NaN values and zero weights (NaN if none is left)."""
+    kept = [(value, weight) for value, weight in pairs if weight and not math.isnan(value)]
+    total = sum(weight for _, weight in kept)
+    return sum(value * weight for value, weight in kept) / total if total else math.nan
+
+
 def pool_metrics(parts: Sequence[StreamMetrics]) -> StreamMetrics:
     """The metrics of several streams taken together, as if graded as one: each share weighted by what it counts
     (graded frames, action steps, switches, measured jumps, frames), maxima over all, counts summed.
@@ -319,9 +326,10 @@ def pool_metrics(parts: Sequence[StreamMetrics]) -> StreamMetrics:
         raise ConfigError("pool_metrics needs at least one stream's metrics")
 
     def mean(name: str, weight: str) -> float:
-        pairs = [(getattr(p, name), getattr(p, weight)) for p in parts if getattr(p, weight) and not math.isnan(getattr(p, name))]
-        total = sum(w for _, w in pairs)
-        return sum(v * w for v, w in pairs) / total if total else math.nan
+        return _weighted_mean([(getattr(p, name), getattr(p, weight)) for p in parts])
+
+    def mean_of(slot: str) -> float:
+        return _weighted_mean([(p.slot_adherence.get(slot, math.nan), p.graded_frames) for p in parts])
 
     def most(name: str) -> float:
         values = [getattr(p, name) for p in parts if not math.isnan(getattr(p, name))]
@@ -331,11 +339,10 @@ def pool_metrics(parts: Sequence[StreamMetrics]) -> StreamMetrics:
         return sum(getattr(p, name) for p in parts)
 
     slots = sorted({slot for p in parts for slot in p.slot_adherence})
-    graded = total("graded_frames")
     return StreamMetrics(
         frames=total("frames"),
         prompt_adherence=mean("prompt_adherence", "graded_frames"),
-        graded_frames=graded,
+        graded_frames=total("graded_frames"),
         action_following=mean("action_following", "action_steps"),
         action_steps=total("action_steps"),
         switches=total("switches"),
@@ -347,10 +354,7 @@ def pool_metrics(parts: Sequence[StreamMetrics]) -> StreamMetrics:
         switch_jumps_measured=total("switch_jumps_measured"),
         switch_jumps_skipped=total("switch_jumps_skipped"),
         agent_found=mean("agent_found", "frames"),
-        slot_adherence={
-            slot: sum(p.slot_adherence.get(slot, 0.0) * p.graded_frames for p in parts) / graded if graded else math.nan
-            for slot in slots
-        },
+        slot_adherence={slot: mean_of(slot) for slot in slots},
     )
 
 

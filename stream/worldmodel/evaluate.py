@@ -113,19 +113,19 @@ def evaluate_world(
     if settings.long_frames:
         whole_chunks = -(-settings.long_frames // CHUNK_FRAMES) * CHUNK_FRAMES  # 5000 frames: 1,667 chunks
         firsts, lasts, over_time = [], [], []
+        last_window = (settings.long_frames - settings.drift_window, settings.long_frames)
         for stream in range(settings.long_streams):
             seed = settings.seed + 1 + stream
             long_script = random_script(seed, whole_chunks, settings.long_switch_every)
             long = model_rollout(student, long_script, STUDENT_STEPS[4], seed=seed, progress=progress)
             firsts.append(stream_metrics(window(long, 0, settings.drift_window)))
-            lasts.append(stream_metrics(window(long, settings.long_frames - settings.drift_window, settings.long_frames)))
+            lasts.append(stream_metrics(window(long, *last_window)))
             over_time.append(adherence_over_time(long, bucket_frames=100))
         first, last = pool_metrics(firsts), pool_metrics(lasts)
         results["drift"] = {"first": asdict(first), "last": asdict(last), "difference": drift(first, last),
                             "streams": [drift(f, l) for f, l in zip(firsts, lasts)],
                             "table": metrics_table({f"frames 0-{settings.drift_window}": first,
-                                                    f"frames {settings.long_frames - settings.drift_window}-"
-                                                    f"{settings.long_frames}": last})}
+                                                    "frames {}-{}".format(*last_window): last})}
         series["student 4 steps"] = np.nanmean(np.stack(over_time), axis=0)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
