@@ -73,6 +73,12 @@ class StudentSettings:
     # the one the teacher trained on with `TeacherSettings.prompt_dropout`
     guidance: float = GUIDANCE
     step_weights: tuple[float, float, float] = (0.25, 0.25, 0.5)  # how often rollouts use 1, 2, 4 steps
+    # before its trained chunks a rollout streams 0..warmup_chunks chunks (uniform) with the student's own sampler,
+    # no teacher target and no gradients, as Self-Forcing++ rolls out past the trained horizon: the trained chunks
+    # then sit on contexts as deep in the student's own output as an eval scene's 20 chunks, where corners round off
+    # and rain thins (MODEL_CARD.md). Half of the warm-ups stream another clip's prompt, so that the trained chunks
+    # follow a prompt switch after a long scene, as in the eval (clips switch at most 4 chunks before their end).
+    warmup_chunks: int = 0
     agent_weight: float = 10.0  # extra loss weight under the agent, found in the decoded target (as the teacher's)
     ema_decay: float = 0.99
     checkpoint_every_s: float = 180.0
@@ -83,6 +89,8 @@ class StudentSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if not isinstance(self.warmup_chunks, int) or self.warmup_chunks < 0:
+            raise ConfigError(f"warmup_chunks={self.warmup_chunks!r} must be an integer >= 0")
         if not 1.0 <= self.guidance <= 10.0:
             raise ConfigError(f"guidance={self.guidance} must be in [1, 10] (1: no guidance)")
         if self.target_sampler not in TARGET_SAMPLERS:
@@ -314,6 +322,45 @@ def distillation_target(
     return torch.where(near[:, :, None], sample, teacher_target(*args)), xy
 
 
+def sample_chunk(
+    student: CausalWanDiT, mine: Rollout, x: Tensor, steps: Sequence[Step], actions: Tensor,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor | None]:
+    """The student's few-step sampler over `steps` from noisy x (no gradients): clean estimate, then fresh noise at
+    the next sigma, as the engine runs it. Returns (x at the sigma after the last step, the last clean estimate)."""
+    x0 = None
+    with torch.no_grad():
+        for step in steps:
+            mine.memory.begin_chunk(x.shape[1])
+            timesteps = torch.full(actions.shape, step.timestep, device=x.device)
+            x0 = to_clean(x.float(), student(x, timesteps, mine.text, mine.memory, actions).float(), step.sigma)
+            x = (1 - step.next_sigma) * x0 + step.next_sigma * torch.randn(x.shape, generator=generator).to(x.device)
+    return x, x0
+
+
+def warm_up(
+    student: CausalWanDiT, mine: Rollout, theirs: GuidedTeacher, clips: LatentClips, chunks: int,
+    prompt_tokens: Tensor, text_encoder: WorldTextEncoder, schedule: Sequence[Step], rng: np.random.Generator,
+    generator: torch.Generator, autocast: torch.autocast,
+) -> None:
+    """`chunks` chunks streamed by the student alone (`StudentSettings.warmup_chunks`) under `prompt_tokens`, with
+    the held keys of random clips; both sides commit each finished chunk as their clean context."""
+    batch, frames = len(prompt_tokens), chunks * CHUNK_FRAMES
+    actions = torch.cat([clips.actions[rng.integers(len(clips), size=batch)]
+                         for _ in range(-(-frames // clips.frames))], 1)[:, :frames].to(prompt_tokens.device)
+    with torch.no_grad():
+        prompt = text_encoder(prompt_tokens)
+    with autocast:
+        mine.set_prompt(prompt, recache=False)
+    theirs.set_prompt(prompt, recache=False)
+    for chunk_actions in actions.split(CHUNK_FRAMES, 1):
+        noise = torch.randn((batch, CHUNK_FRAMES, 16, 16, 16), generator=generator).to(actions.device)
+        with autocast:
+            clean = sample_chunk(student, mine, noise, schedule, chunk_actions, generator)[1]
+            mine.commit(clean, chunk_actions)
+        theirs.commit(clean.to(theirs.dtype), chunk_actions)
+
+
 def rollout_loss(
     student: CausalWanDiT, teacher: CausalWanDiT, text_encoder: WorldTextEncoder, clips: LatentClips,
     settings: StudentSettings, rng: np.random.Generator, generator: torch.Generator, device: torch.device,
@@ -328,25 +375,29 @@ def rollout_loss(
     losses = []
     # bf16 autocast throughout (the context passes included: the engine streams in bf16); losses in float32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bfloat16_autocast)
+    switched_after_warmup = False
+    if settings.warmup_chunks:  # no draws without a warm-up: rollouts stay as they were
+        warmup = int(rng.integers(settings.warmup_chunks + 1))
+        switched_after_warmup = warmup > 0 and bool(rng.random() < 0.5)
+        warmup_tokens = clips.tokens[rng.integers(len(clips), size=settings.batch), 0] if switched_after_warmup else tokens[:, 0]
+        if warmup:
+            warm_up(student, mine, theirs, clips, warmup, warmup_tokens.to(device), text_encoder, schedule, rng,
+                    generator, autocast)
     for chunk in range(settings.rollout_chunks):
         frames = slice(chunk * CHUNK_FRAMES, (chunk + 1) * CHUNK_FRAMES)
         if chunk == 0 or chunk == switch_chunk:
             with torch.no_grad():
                 prompt = text_encoder(tokens[:, frames.start])
             wanted = [tokens_settings(ids.tolist()) for ids in tokens[:, frames.start]]
+            recache = chunk > 0 or switched_after_warmup
             with autocast:
-                mine.set_prompt(prompt, recache=chunk > 0)
-            theirs.set_prompt(prompt, recache=chunk > 0)
+                mine.set_prompt(prompt, recache=recache)
+            theirs.set_prompt(prompt, recache=recache)
         chunk_actions = actions[:, frames]
         exit_step = int(rng.integers(len(schedule)))
-        shape = (settings.batch, CHUNK_FRAMES, 16, 16, 16)
-        x = torch.randn(shape, generator=generator).to(device)
-        with torch.no_grad(), autocast:
-            for step in schedule[:exit_step]:
-                mine.memory.begin_chunk(CHUNK_FRAMES)
-                timesteps = torch.full(chunk_actions.shape, step.timestep, device=device)
-                x0 = to_clean(x.float(), student(x, timesteps, mine.text, mine.memory, chunk_actions).float(), step.sigma)
-                x = (1 - step.next_sigma) * x0 + step.next_sigma * torch.randn(shape, generator=generator).to(device)
+        noise = torch.randn((settings.batch, CHUNK_FRAMES, 16, 16, 16), generator=generator).to(device)
+        with autocast:
+            x = sample_chunk(student, mine, noise, schedule[:exit_step], chunk_actions, generator)[0]
         step = schedule[exit_step]
         with torch.no_grad():
             target, xy = distillation_target(settings, theirs, x, step.sigma, chunk_actions, generator,
@@ -467,6 +518,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="the teacher's sampler that makes the regression target")
     p.add_argument("--guidance", type=float, default=StudentSettings.guidance,
                    help="classifier-free guidance scale of the teacher's flow in the target (1: none)")
+    p.add_argument("--warmup-chunks", type=int, default=StudentSettings.warmup_chunks,
+                   help="most chunks the student streams alone before the trained chunks of a rollout")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--init-from", type=Path, help="a fresh student starts from this DiT file (an earlier student)")
@@ -477,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--rebase-from needs --init-from")
     torch.set_num_threads(args.threads)
     settings = StudentSettings(steps=args.steps, batch=args.batch, learning_rate=args.lr, target_sampler=args.target,
-                               guidance=args.guidance)
+                               guidance=args.guidance, warmup_chunks=args.warmup_chunks)
     train_student(args.out, settings, args.max_minutes, device=args.device, init_from=args.init_from,
                   rebase_from=args.rebase_from)
 

@@ -11,7 +11,7 @@ from framecast.models.loading import save_dit
 from framecast.stream.worldmodel.student import (
     TARGET_SAMPLERS,
     GuidedTeacher, Rollout, StudentSettings, TrainingWindow, distillation_target, initial_student, pick_rollout_clips, rollout_loss, teacher_sample,
-    teacher_target,
+    teacher_target, warm_up,
 )
 from framecast.models.errors import ConfigError
 
@@ -211,7 +211,48 @@ def test_a_self_rollout_gives_a_finite_loss_and_gradients_on_every_layer(target)
         assert block.self_attn.q.weight.grad is not None and block.self_attn.q.weight.grad.abs().sum() > 0
 
 
+def test_a_warm_up_streams_the_student_alone_and_leaves_both_windows_on_its_chunks():
+    from framecast.stream.sampler import FlowMatchSchedule
+    from framecast.stream.worldmodel.recipe import SHIFT, STUDENT_STEPS
+
+    teacher, student = tiny_dit(2, torch.float32), tiny_dit(3, torch.float32)
+    text_encoder = WorldTextEncoder(TextEncoderConfig(width=64)).requires_grad_(False)
+    clips = clips_with_switches()
+    mine, theirs = Rollout(student), GuidedTeacher(teacher, 1.5)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=False)
+    # 10 chunks = 30 frames: more held keys than one 24-frame clip has
+    warm_up(student, mine, theirs, clips, 10, clips.tokens[[1, 2], 0], text_encoder,
+            FlowMatchSchedule(SHIFT).steps(STUDENT_STEPS[2]), np.random.default_rng(0), torch.Generator().manual_seed(0),
+            autocast)
+    for side in (mine, theirs, theirs.null):
+        assert side.memory.committed_frames == 30
+        assert [h[0].shape for h in side.history] == [(2, 3, 16, 16, 16)] * 2
+    for (ours, keys), (their, their_keys) in zip(mine.history, theirs.history):
+        assert torch.equal(ours, their) and torch.equal(keys, their_keys)
+    assert torch.isfinite(mine.history[-1][0]).all() and mine.history[-1][0].std() > 0
+    with torch.no_grad():  # the student streamed under the warm-up's prompt
+        expected = student.encode_text(text_encoder(clips.tokens[[1, 2], 0]))
+    assert all(torch.equal(a, b) for a, b in zip(mine.text.keys, expected.keys))
+
+
+def test_a_rollout_after_a_warm_up_still_trains_every_layer():
+    teacher = tiny_dit(2, torch.float32)
+    student = CausalWanDiT(TINY).train()
+    student.load_state_dict(teacher.state_dict())
+    text_encoder = WorldTextEncoder(TextEncoderConfig(width=64)).requires_grad_(False)
+    settings = StudentSettings(batch=2, rollout_chunks=2, teacher_substeps=2, target_sampler="ode", warmup_chunks=3)
+    rng = np.random.default_rng(1)
+    for _ in range(3):  # warm-ups of several lengths, with and without a switch after them
+        student.zero_grad()
+        loss, _ = rollout_loss(student, teacher, text_encoder, clips_with_switches(), settings, rng,
+                               torch.Generator().manual_seed(0), torch.device("cpu"))
+        assert np.isfinite(loss) and loss > 0
+        assert all(block.self_attn.q.weight.grad.abs().sum() > 0 for block in student.blocks)
+
+
 def test_student_settings_refuse_bad_values():
+    with pytest.raises(ConfigError, match="warmup_chunks"):
+        StudentSettings(warmup_chunks=-1)
     with pytest.raises(ConfigError, match="batch"):
         StudentSettings(batch=0)
     with pytest.raises(ConfigError, match="step_weights"):
