@@ -29,13 +29,15 @@ WIPE_ALONG_MIN = 0.2
 
 def redraw_agent(
     frame: np.ndarray, shape: AgentShape, colour: AgentColour, config: WorldConfig = WorldConfig(),
+    at: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, tuple[float, float]] | None:
     """The frame (uint8 [H, W, 3]) with its agent replaced by a `shape` `colour` sprite, and that sprite's centre
     (x, y) px; None where the frame shows no agent (`read_agent`) or its colour in more places than one sprite covers
     (two agents, as a model unsure where the agent is draws), as there is then no one place to draw it.
 
-    The centre is the frame's agent's centre as read (`read_agent`: for the shape it shows; the world keeps the
-    centre when a prompt changes the shape), kept inside the frame as the world's physics keeps it.
+    The centre is `at` when given (where the world's physics puts the agent: `world.agent_path`), else the frame's
+    agent's centre as read (`read_agent`: for the shape it shows; the world keeps the centre when a prompt changes
+    the shape); either is kept inside the frame as the world's physics keeps it.
 
     Raises:
         ShapeError: a frame not of the config's size.
@@ -48,8 +50,9 @@ def redraw_agent(
     rows, cols = np.nonzero(distance_sq(channels, AGENT_RGB[reading.colour]) < AGENT_CORE_DISTANCE**2)
     if max(np.ptp(rows), np.ptp(cols)) + 1 > 2 * radius + 1 + 2 * SPREAD_MARGIN_PX:
         return None  # the agent's colour where no one sprite reaches (two agents): no one place to draw it
-    x = float(np.clip(reading.xy[0], radius, config.width - 1 - radius))
-    y = float(np.clip(reading.xy[1], radius, config.height - 1 - radius))
+    centre = reading.xy if at is None else at
+    x = float(np.clip(centre[0], radius, config.width - 1 - radius))
+    y = float(np.clip(centre[1], radius, config.height - 1 - radius))
     ground = median_rgb(channels)
     # wipe around the frame's own agent, whose centroid sits off its centre by up to r/3 (the triangle)
     reach = radius + 4

@@ -119,6 +119,23 @@ def advance(state: WorldState, action: Action | int, config: WorldConfig) -> Wor
     return WorldState(state.frame_index + 1, state.settings, agent_xy, agent_velocity, objects)
 
 
+def agent_path(
+    before_last: tuple[float, float], last: tuple[float, float], actions: np.ndarray | list[int],
+    config: WorldConfig,
+) -> np.ndarray:
+    """Where the world's physics takes an agent seen at `before_last` then `last` (x, y px, one frame apart) over
+    the next frames with `actions` held: float64 [len(actions), 2]. Its velocity is the step between the two
+    sightings, which is the world's velocity exactly unless a wall stopped the agent in that step (then the world's
+    is 0); the agent's physics has nothing else (no collisions), so the path is the world's own."""
+    velocity = (last[0] - before_last[0], last[1] - before_last[1])
+    state = WorldState(0, SceneSettings(), (float(last[0]), float(last[1])), velocity, ())
+    path = []
+    for action in actions:
+        state = WorldState(0, state.settings, *_step_agent(state, as_action(int(action)), config), ())
+        path.append(state.agent_xy)
+    return np.array(path, dtype=np.float64).reshape(len(path), 2)
+
+
 class World:
     """A seeded world: `step` it with actions, `render` frames, `set_settings` to switch the prompt mid-episode."""
 

@@ -43,7 +43,9 @@ from framecast.models.world.autoencoder import WorldAutoencoder, frames_to_tenso
 from framecast.models.world.ground_truth import read_agent
 from framecast.models.world.latent_clips import LatentClips
 from framecast.models.world.prompt import SceneSettings
+from framecast.models.world.state import WorldConfig
 from framecast.models.world.text_encoder import WorldTextEncoder, load_text_encoder, tokens_settings
+from framecast.models.world.world import agent_path
 from framecast.stream.sampler import FlowMatchSchedule, Step, renoise, to_clean
 from framecast.stream.worldmodel.recipe import (
     AUTOENCODER_FILE, CHUNK_FRAMES, GUIDANCE, SHIFT, STUDENT_STEPS, WEIGHTS_DIR, WINDOW_FRAMES, teacher_step_list,
@@ -51,7 +53,7 @@ from framecast.stream.worldmodel.recipe import (
 from framecast.stream.worldmodel.teacher import CLIPS_FILE, agent_weights, null_text, shifted_sigmas, update_ema
 
 STATE_FILE = "student_state.pt"
-TARGET_SAMPLERS = ("renoise", "ode", "agent-renoise", "agent-redraw")
+TARGET_SAMPLERS = ("renoise", "ode", "agent-renoise", "agent-redraw", "agent-physics")
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,10 @@ class StudentSettings:
     # shape far worse than the teacher's own sampler does (MODEL_CARD.md); "agent-renoise" takes the teacher's
     # sampler around the agent and the ODE elsewhere (a regression onto a random target blurs what is random in it:
     # falling rain and snow, which the ODE keeps sharp); "agent-redraw" is "agent-renoise" with the prompt's agent
-    # sprite redrawn by the world over the teacher's sample where it drew the agent (`AgentLocator.redraw`)
+    # sprite redrawn by the world over the teacher's sample where it drew the agent (`AgentLocator.redraw`);
+    # "agent-physics" is "agent-redraw" with the sprite drawn where the world's physics takes the agent from the
+    # student's last two context frames under the chunk's keys (`world.agent_path`), not where the teacher put it:
+    # the teacher's own guided stream jumps the agent by 2.9 px (max 6.5) at a prompt switch (MODEL_CARD.md)
     target_sampler: str = "agent-redraw"
     teacher_substeps: int = 8
     # classifier-free guidance of the teacher's flow (1: none): null + scale x (prompt - null), the null prompt being
@@ -267,6 +272,17 @@ class AgentLocator:
     def __init__(self, autoencoder: WorldAutoencoder) -> None:
         self.autoencoder = autoencoder.eval().requires_grad_(False)
 
+    @torch.no_grad()
+    def path_on(self, context: Tensor, actions: Tensor) -> Tensor:
+        """Where the world's physics takes the agent over `actions` ([B, F]) from the last two frames of `context`
+        (clean latents [B, >=2, ...]): [B, F, 2] px, NaN for a clip whose agent is not read in both frames."""
+        seen = self(context[:, -2:])
+        path = torch.full((*actions.shape, 2), float("nan"))
+        for b, (before_last, last) in enumerate(seen.tolist()):
+            if not np.isnan(before_last + last).any():
+                path[b] = torch.from_numpy(agent_path(before_last, last, actions[b].tolist(), WorldConfig()))
+        return path
+
     def _frames(self, latents: Tensor) -> np.ndarray:
         return tensor_to_frames(self.autoencoder.decode(latents.float().cpu())[0]).numpy()  # [B, F, H, W, 3]
 
@@ -282,15 +298,17 @@ class AgentLocator:
         return xy
 
     @torch.no_grad()
-    def redraw(self, latents: Tensor, wanted: Sequence[SceneSettings]) -> tuple[Tensor, Tensor]:
+    def redraw(self, latents: Tensor, wanted: Sequence[SceneSettings], at: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The latents re-encoded from their frames with the agent redrawn as `wanted[b]` asks
         (`models.world.agent_redraw`), and where it was drawn ([B, F, 2] px, NaN where no agent was read: those
-        frames come back re-encoded as they were)."""
+        frames come back re-encoded as they were). `at` ([B, F, 2] px, NaN: unknown) says where to draw it; where
+        unknown, at the agent's place as read."""
         frames = self._frames(latents)
         xy = torch.full((*frames.shape[:2], 2), float("nan"))
         for b, clip in enumerate(frames):
             for f, frame in enumerate(clip):
-                redrawn = redraw_agent(frame, wanted[b].agent_shape, wanted[b].agent_colour)
+                place = None if at is None or at[b, f].isnan().any() else tuple(at[b, f].tolist())
+                redrawn = redraw_agent(frame, wanted[b].agent_shape, wanted[b].agent_colour, at=place)
                 if redrawn is not None:
                     frames[b, f], xy[b, f] = redrawn[0], torch.tensor(redrawn[1])
         encoded = self.autoencoder.encode(frames_to_tensor(frames)).to(latents.device, latents.dtype)
@@ -300,10 +318,12 @@ class AgentLocator:
 def distillation_target(
     settings: StudentSettings, theirs: GuidedTeacher, x: Tensor, sigma: float, actions: Tensor,
     generator: torch.Generator, locate_agent: AgentLocator | None, wanted: Sequence[SceneSettings] = (),
+    agent_at: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The clean latents the student's estimate at `sigma` is regressed onto (`StudentSettings.target_sampler`), and
     where the agent is in them when that was read on the way ([B, F, 2], else None). `wanted`: each clip's scene
-    in this chunk (for "agent-redraw")."""
+    in this chunk (for "agent-redraw" and "agent-physics"); `agent_at`: where the world's physics puts the agent
+    ([B, F, 2], NaN: unknown; for "agent-physics")."""
     args = (theirs, x, sigma, theirs.text, theirs.memory, actions, settings.teacher_substeps)
     if settings.target_sampler == "ode":
         return teacher_target(*args), None
@@ -312,10 +332,11 @@ def distillation_target(
         return sample, None
     if locate_agent is None:
         raise ConfigError(f"target_sampler={settings.target_sampler!r} needs the agent locator (an autoencoder)")
-    if settings.target_sampler == "agent-redraw":
+    if settings.target_sampler in ("agent-redraw", "agent-physics"):
         if len(wanted) != len(x):
-            raise ConfigError(f"target_sampler='agent-redraw' needs the wanted scene of each of the {len(x)} clips")
-        sample, xy = locate_agent.redraw(sample, wanted)
+            raise ConfigError(f"target_sampler={settings.target_sampler!r} needs the wanted scene of each of the "
+                              f"{len(x)} clips")
+        sample, xy = locate_agent.redraw(sample, wanted, agent_at if settings.target_sampler == "agent-physics" else None)
     else:
         xy = locate_agent(sample)
     near = agent_weights(torch.nan_to_num(xy, nan=-1e6).to(x.device), x.shape[-1], 1.0) > 1  # [B, F, h, w]
@@ -399,9 +420,12 @@ def rollout_loss(
         with autocast:
             x = sample_chunk(student, mine, noise, schedule[:exit_step], chunk_actions, generator)[0]
         step = schedule[exit_step]
+        agent_at = None
+        if settings.target_sampler == "agent-physics" and mine.history and locate_agent is not None:
+            agent_at = locate_agent.path_on(mine.history[-1][0], chunk_actions.cpu())
         with torch.no_grad():
             target, xy = distillation_target(settings, theirs, x, step.sigma, chunk_actions, generator,
-                                             locate_agent, wanted)
+                                             locate_agent, wanted, agent_at)
         mine.memory.begin_chunk(CHUNK_FRAMES)
         with autocast:
             timesteps = torch.full(chunk_actions.shape, step.timestep, device=device)

@@ -67,6 +67,19 @@ def test_the_colour_is_redrawn_too_and_the_centre_stays_inside_the_frame():
     np.testing.assert_array_equal(redrawn, _agent_alone(AgentShape.TRIANGLE, AgentColour.CYAN, edge))
 
 
+def test_the_agent_is_drawn_where_asked_and_its_old_place_wiped():
+    drawn_at, wanted_at = (40.0, 61.0), (44.0, 58.0)
+    redrawn, centre = redraw_agent(_agent_alone(AgentShape.CIRCLE, AgentColour.CYAN, drawn_at), AgentShape.SQUARE,
+                                   AgentColour.CYAN, at=wanted_at)
+    assert centre == wanted_at
+    np.testing.assert_array_equal(redrawn, _agent_alone(AgentShape.SQUARE, AgentColour.CYAN, wanted_at))
+    # asked for a place past the walls: kept inside as the physics keeps the agent
+    _, centre = redraw_agent(_agent_alone(AgentShape.CIRCLE, AgentColour.CYAN, drawn_at), AgentShape.SQUARE,
+                             AgentColour.CYAN, at=(-5.0, 200.0))
+    r = float(CONFIG.agent_radius_px)
+    assert centre == (r, CONFIG.height - 1 - r)
+
+
 def test_no_agent_no_redraw():
     flat = np.empty((128, 128, 3), dtype=np.uint8)
     flat[:] = ground_rgb(Terrain.GRASS, TimeOfDay.DAY, Weather.CLEAR)

@@ -158,3 +158,20 @@ def test_bad_actions_seeds_and_settings_name_the_allowed_values() -> None:
         world.reset(-1)
     with pytest.raises(ConfigError, match="must be a SceneSettings"):
         world.set_settings("a red circle")
+
+
+def test_agent_path_from_two_sightings_is_the_worlds_own_path() -> None:
+    from framecast.models.world.episodes import make_episode
+    from framecast.models.world.world import agent_path
+
+    config = WorldConfig()
+    for seed in range(6):
+        episode = make_episode(seed, 40)
+        xy, actions = episode.agent_xy, np.asarray(episode.actions)
+        low, high = config.agent_radius_px, config.width - 1 - config.agent_radius_px
+        for t in range(2, 37, 5):
+            at_wall = ((xy[t - 2 : t] <= low) | (xy[t - 2 : t] >= high)).any()
+            if at_wall:  # a wall stop zeroes the world's velocity, which two sightings cannot tell
+                continue
+            path = agent_path(tuple(xy[t - 2]), tuple(xy[t - 1]), actions[t : t + 3], config)
+            np.testing.assert_allclose(path, xy[t : t + 3], atol=1e-6)

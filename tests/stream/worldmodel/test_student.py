@@ -149,7 +149,7 @@ def test_the_agent_redraw_target_has_the_prompts_agent_where_the_teacher_drew_on
     calls = []
 
     class Recording(AgentLocator):
-        def redraw(self, latents, wanted):
+        def redraw(self, latents, wanted, at=None):
             calls.append(wanted)
             return torch.full_like(latents, 7.0), torch.tensor([[[20.0, 20.0]] * 3])
 
@@ -175,6 +175,55 @@ def clips_with_switches(count: int = 12, frames: int = 24) -> LatentClips:
     tokens[::2, 12:] = torch.tensor(settings_tokens(switched))  # every other clip switches at frame 12
     return LatentClips(torch.randn(count, frames, 16, 16, 16).bfloat16(), torch.randint(0, 5, (count, frames)),
                        tokens, torch.arange(count))
+
+
+def test_the_agent_physics_target_draws_the_agent_where_the_world_takes_it_from_the_context():
+    from framecast.models.world.autoencoder import frames_to_tensor, load_autoencoder
+    from framecast.models.world.episodes import make_episode
+    from framecast.models.world.ground_truth import read_agent
+    from framecast.models.world.state import WorldConfig
+    from framecast.models.world.world import agent_path
+    from framecast.stream.worldmodel.recipe import AUTOENCODER_FILE, WEIGHTS_DIR
+    from framecast.stream.worldmodel.student import AgentLocator
+
+    autoencoder = load_autoencoder(WEIGHTS_DIR / AUTOENCODER_FILE)
+    locator = AgentLocator(autoencoder)
+    episode = make_episode(5, 9)
+    with torch.no_grad():
+        latents = autoencoder.encode(frames_to_tensor(episode.frames)[None])
+    actions = torch.as_tensor(np.asarray(episode.actions))[None]
+    # from the context chunk's last two frames (as read back from its latents) on with the next chunk's keys
+    path = locator.path_on(latents[:, :3], actions[:, 3:6])
+    seen = locator(latents[:, 1:3])[0]
+    expected = agent_path(tuple(seen[0].tolist()), tuple(seen[1].tolist()), actions[0, 3:6].tolist(), WorldConfig())
+    np.testing.assert_allclose(path[0].numpy(), expected, atol=1e-4)
+    assert (path[0] - torch.from_numpy(episode.agent_xy[3:6]).float()).abs().max() < 1.5
+    # the target: the teacher's agent (here the episode's own frames) redrawn at that path
+    wanted = episode.settings[0]
+    theirs = GuidedTeacher(tiny_dit(2, torch.float32))
+    theirs.text = theirs.dit.encode_text(torch.randn(1, 5, 64))
+    shifted = path + torch.tensor([3.0, -2.0])
+    calls = []
+
+    class Recording(AgentLocator):
+        def redraw(self, sample, wanted, at=None):  # the teacher's sample: the episode's own next chunk
+            calls.append(at)
+            return super().redraw(latents[:, 3:6], wanted, at)
+
+    settings = StudentSettings(target_sampler="agent-physics", teacher_substeps=2)
+    target, xy = distillation_target(settings, theirs, latents[:, 3:6], 0.9, actions[:, 3:6],
+                                     torch.Generator().manual_seed(5), Recording(autoencoder), [wanted], shifted)
+    assert torch.equal(calls[0], shifted)
+    assert (xy - shifted).abs().max() < 1e-4
+    redrawn = locator._frames(Recording(autoencoder).redraw(None, [wanted], shifted)[0])[0]
+    for frame, (x, y) in zip(redrawn, shifted[0].tolist()):
+        assert abs(read_agent(frame).xy[0] - x) < 1.0 and abs(read_agent(frame).xy[1] - y) < 1.0
+    # the plain redraw target ignores a path
+    calls.clear()
+    distillation_target(StudentSettings(target_sampler="agent-redraw", teacher_substeps=2), theirs,
+                        latents[:, 3:6], 0.9, actions[:, 3:6], torch.Generator().manual_seed(5),
+                        Recording(autoencoder), [wanted], shifted)
+    assert calls == [None]
 
 
 def test_rollout_clips_share_their_switch_chunk():
