@@ -76,6 +76,31 @@ TARGET_TEXTS["agent-redraw"] = TARGET_TEXTS["agent-renoise"] + (
     "circles), and the teacher's own samples miss it the same way, so a student fitted to them could not do "
     "better. Frames where no single agent is read (none, or two where the teacher was unsure) keep the ODE answer."
 )
+TARGET_TEXTS["agent-physics"] = TARGET_TEXTS["agent-redraw"] + (
+    " The sprite is pasted where the world's physics takes the agent (`models/world/world.py`: `agent_path`) from "
+    "the student's own last two context frames (decoded and read) under the chunk's keys, rather than where the "
+    "teacher drew it: the teacher's guided stream itself jumps the agent by 2.88 px on average (6.51 at most) "
+    "across a prompt switch, and a student fitted to the teacher's placement inherits that. The agent's physics "
+    "has no collisions, so two sightings and the keys fix its path. Where the context shows no agent (the first "
+    "chunk of a rollout), the teacher's place."
+)
+
+
+def _warmup_text(history: dict | None) -> str:
+    """The rollouts' warm-up (`StudentSettings.warmup_chunks`), when the run had one."""
+    chunks = (history or {}).get("settings", {}).get("warmup_chunks", 0)
+    if not chunks:
+        return ""
+    return (
+        f" Before its trained chunks, a rollout streams 0 to {chunks} chunks (uniform) with the student alone (its "
+        "own sampler, no teacher, no gradients), half of them under another clip's prompt, so that the trained "
+        "chunks follow a prompt switch after a long scene. Why: run 8's student lost what it had drawn deep in a "
+        "scene (on the 1,800-frame eval script, squares and diamonds rounded into circles 20 to 50 frames into "
+        "scenes it began right, and rain thinned until it read as clear), while its 8-chunk rollouts from an empty "
+        "window never reached such contexts, and training clips switch at most 4 chunks before their end. Rolling "
+        "out past the trained horizon and distilling there is Self-Forcing++'s fix for long streams."
+    )
+
 
 def _target_text(history: dict | None) -> str:
     """The student's regression target, as its settings name it (older runs predate the choice: the ODE)."""
@@ -192,7 +217,7 @@ def write_model_card(run: Path, model_dir: Path) -> Path:
         "per rollout), a clean context pass of its own output, the clip's actions and prompt switch with re-cache. "
         "Every chunk after the first is therefore conditioned on the student's own past, the exposure-bias fix of "
         "Self-Forcing. Per chunk one exit step is drawn (Self-Forcing's trick: gradients at one step only); the "
-        f"student's clean estimate there is regressed onto {_target_text(student)}",
+        f"student's clean estimate there is regressed onto {_target_text(student)}{_warmup_text(student)}",
         "",
         "## Training",
         "",

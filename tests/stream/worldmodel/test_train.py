@@ -54,3 +54,17 @@ def test_the_model_card_says_what_the_student_started_from(tmp_path):
     card = write_model_card(run, model).read_text()
     assert "moved by the teacher's change since: `runs/old/student.safetensors` + (teacher - `runs/old/teacher" in card
     assert "Around the agent it is where the teacher's own sampler takes them" in card and "8-step list" in card
+
+
+def test_the_model_card_names_the_physics_placement_and_the_warm_up_only_when_the_run_had_them(tmp_path):
+    run, model = tmp_path / "run", tmp_path / "model"
+    run.mkdir(), model.mkdir()
+    history = {"step": [1, 2], "loss": [0.2, 0.1], "seconds": [1.0, 2.0],
+               "settings": {"target_sampler": "agent-redraw", "teacher_substeps": 8, "warmup_chunks": 0}}
+    torch.save({"history": history}, run / "student_state.pt")
+    card = write_model_card(run, model).read_text()
+    assert "drawn again by the world" in card and "agent_path" not in card and "streams 0 to" not in card
+    history["settings"].update(target_sampler="agent-physics", warmup_chunks=12)
+    torch.save({"history": history}, run / "student_state.pt")
+    card = write_model_card(run, model).read_text()
+    assert "drawn again by the world" in card and "`agent_path`" in card and "streams 0 to 12 chunks" in card
