@@ -83,7 +83,7 @@ class StudentSettings:
     # then sit on contexts as deep in the student's own output as an eval scene's 20 chunks, where corners round off
     # and rain thins (MODEL_CARD.md). Half of the warm-ups stream another clip's prompt, so that the trained chunks
     # follow a prompt switch after a long scene, as in the eval (clips switch at most 4 chunks before their end).
-    warmup_chunks: int = 0
+    warmup_chunks: int = 12
     agent_weight: float = 10.0  # extra loss weight under the agent, found in the decoded target (as the teacher's)
     ema_decay: float = 0.99
     checkpoint_every_s: float = 180.0
