@@ -15,7 +15,9 @@ keeps sharp (the model card has the A/Bs). The teacher's flow in both is classif
 teacher's does not (MODEL_CARD.md). No critic network as DMD needs: at this size a second network and its updates
 would cost as much as the student's own. The teacher also answers for the parts of a frame that the context leaves
 open (the first chunk's layout), which a regression onto recorded ground truth would blur. The chunk's output (its
-context for the next) is the exit step's estimate.
+context for the next) is the exit step's estimate. Before its trained chunks a rollout first streams up to
+`warmup_chunks` chunks with the student alone (Self-Forcing++'s rollout past the trained horizon), so the trained
+chunks sit as deep in the student's own output as a long stream's, where drawn detail fades.
 
     python3 -m framecast.stream.worldmodel.student --out runs/world --max-minutes 30
 """
