@@ -155,7 +155,7 @@ def run_generate_world(args: argparse.Namespace) -> None:
     written, start = 0, time.perf_counter()
     try:
         for frames in stream_frames(model, script, steps, seed=args.seed, progress=True,
-                                    stream_batch=bool(args.stream_batch)):
+                                    stream_batch=bool(args.stream_batch), guidance=args.guidance):
             frames = frames[: args.frames - written]
             sink.write(frames)
             written += len(frames)
@@ -167,7 +167,7 @@ def run_generate_world(args: argparse.Namespace) -> None:
 
 
 STREAM_DEFAULTS = dict(chunk_frames=3, denoising_steps=(1000, 750, 500, 250), shift=5.0, cache="rolling",
-                       window_frames=12, sink_frames=3, stream_batch=False)
+                       window_frames=12, sink_frames=3, stream_batch=False, guidance=1.0)
 
 
 def add_stream_flags(p: argparse.ArgumentParser) -> None:
@@ -178,6 +178,9 @@ def add_stream_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", choices=[k.value for k in CacheKind], help="rolling (default) or full")
     p.add_argument("--window-frames", type=int, help="frames attended, sinks included (default 12)")
     p.add_argument("--sink-frames", type=int, help="attention-sink frames (default 3)")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance scale, 1 for none (default: 1.5 for the world model's student, which "
+                        "it lifts from ~88%% to ~95%% prompt adherence for ~1.5x the DiT's time; 1 otherwise)")
     p.add_argument("--stream-batch", action="store_const", const=True,
                    help="denoise the steps of successive chunks at once (StreamDiffusionV2's stream batch): one stream "
                         "keeps every --stages stage busy; controls act S + 1 chunks later and the model sees its past "
@@ -532,7 +535,8 @@ def run_bench(args: argparse.Namespace) -> None:
     if uses_world_model(args):
         check_world_args(args)
         model = load_world_model(args)
-        engine = model.engine(steps=world_steps(args), seed=args.seed, stream_batch=bool(args.stream_batch))
+        engine = model.engine(steps=world_steps(args), seed=args.seed, stream_batch=bool(args.stream_batch),
+                              guidance=args.guidance)
         decoder = world_decoder(args, model)
     else:
         args.preset = args.preset or "tiny"
@@ -706,7 +710,7 @@ def build_session(args: argparse.Namespace, token: str | None = None):
         model = load_world_model(args)
         prompt_text = model.prompt_text(args.prompt or DEFAULT_WORLD_PROMPT)
         engine = model.engine(prompt_text.settings, steps=world_steps(args), seed=args.seed,
-                              stream_batch=bool(args.stream_batch))
+                              stream_batch=bool(args.stream_batch), guidance=args.guidance)
         return Session(engine, world_decoder(args, model), prompt_text, config, token=token)
     args.preset, args.decoder = args.preset or "tiny", args.decoder or "preview"
     if args.simulator:

@@ -71,6 +71,9 @@ class Lane:
         memory: int | None = None,
     ) -> None:
         """`memory`: the stages' memory this lane's packets use (default: `index`)."""
+        if config.guidance != 1:
+            raise ConfigError(f"guidance={config.guidance}: the pipeline's lanes run unguided; guidance runs in "
+                              "StreamEngine (one process)")
         self.index, self.dit_config, self.config, self.dtype = index, dit_config, config, dtype
         self.memory = index if memory is None else memory
         self.ledger = ledger_memory(dit_config, config)

@@ -5,6 +5,7 @@ The schedule is the reference's `FlowMatchScheduler(shift, extra_one_step=True)`
 A distilled model's step list (e.g. 1000, 750, 500, 250) is warped onto it: `cat(timesteps, [0])[1000 - step]`.
 Each step predicts the flow, turns it into the clean estimate `x0 = x - sigma*flow` (float64), and, except after the
 last step, re-noises `x0` to the next step's sigma with fresh noise. Stateless: the schedule and noise are arguments.
+Optionally each step's flow is classifier-free guided (`guided_flow`).
 """
 
 from __future__ import annotations
@@ -96,6 +97,25 @@ def renoise(x0: Tensor, noise: Tensor, sigma: float) -> Tensor:
     return (_float32_complement(sigma) * x0 + sigma * noise).to(noise.dtype)
 
 
+def guided_flow(
+    dit: CausalWanDiT, x: Tensor, timesteps: Tensor, text: TextContext, memory: Memory, actions: Tensor | None,
+    guidance: float = 1.0,
+) -> Tensor:
+    """The DiT's flow; above `guidance` 1, classifier-free guided: null + guidance x (prompt - null).
+
+    Guided, `text` and `memory` hold twice the batch, the prompt's rows then the null prompt's (each keeps its own
+    context, since context keys and values depend on the prompt through cross-attention), and both run as one batch:
+    one DiT call of batch 2B costs ~1.5x one of batch B on a CPU, against 2x for two calls. bf16 flows combine in
+    float32."""
+    if guidance == 1:
+        return dit(x, timesteps, text, memory, actions)
+    doubled = dit(x.repeat(2, 1, 1, 1, 1), timesteps.repeat(2, 1), text, memory,
+                  None if actions is None else actions.repeat(2, 1))
+    compute = torch.promote_types(doubled.dtype, torch.float32)
+    flow, null = doubled.to(compute).chunk(2)
+    return (null + guidance * (flow - null)).to(doubled.dtype)
+
+
 def denoise(
     dit: CausalWanDiT,
     x: Tensor,
@@ -104,13 +124,15 @@ def denoise(
     steps: Sequence[Step],
     noise: NoiseSource,
     actions: Tensor | None = None,
+    guidance: float = 1.0,
 ) -> Tensor:
-    """Denoise the frames in flight (x [B, F, C, H, W], pure noise at steps[0]) to their clean estimate."""
+    """Denoise the frames in flight (x [B, F, C, H, W], pure noise at steps[0]) to their clean estimate; guided
+    above `guidance` 1, with `text` and `memory` of batch 2B (see `guided_flow`)."""
     batch, frames = x.shape[:2]
     x0 = x
     for step in steps:
         timesteps = torch.full((batch, frames), step.timestep, dtype=torch.float32, device=x.device)
-        x0 = to_clean(x, dit(x, timesteps, text, memory, actions), step.sigma)
+        x0 = to_clean(x, guided_flow(dit, x, timesteps, text, memory, actions, guidance), step.sigma)
         if not step.is_last:
             x = renoise(x0, noise.draw(tuple(x0.shape), x0.dtype, x0.device), step.next_sigma)
     return x0

@@ -1,7 +1,7 @@
 """The embedded default model, loaded: prompt text -> text encoder -> DiT (student or teacher) -> world decoder.
 
     model = WorldModel.load()                      # the shipped files in models/world/weights
-    engine = model.engine(steps=(1000, 500))      # a StreamEngine: the same engine that runs Wan checkpoints
+    engine = model.engine(steps=(1000, 500))      # a StreamEngine (the same engine that runs Wan checkpoints), guided
     decoder = model.decoder()                      # streaming: latents [B, F, 16, 16, 16] -> uint8 [B, F, 128, 128, 3]
 
 Prompts use the world's closed vocabulary (models/world/vocabulary.py); `PromptText` keeps the scene a stream is
@@ -25,7 +25,8 @@ from framecast.models.world.prompt import SceneSettings, describe, parse_prompt
 from framecast.models.world.text_encoder import WorldTextEncoder, load_text_encoder
 from framecast.stream.engine import StreamEngine
 from framecast.stream.worldmodel.recipe import (
-    AUTOENCODER_FILE, STUDENT_FILE, STUDENT_STEPS, TEACHER_FILE, TEXT_ENCODER_FILE, WEIGHTS_DIR, world_engine_config,
+    AUTOENCODER_FILE, STREAM_GUIDANCE, STUDENT_FILE, STUDENT_STEPS, TEACHER_FILE, TEXT_ENCODER_FILE, WEIGHTS_DIR,
+    world_engine_config,
 )
 
 DEFAULT_WORLD_PROMPT = "a red circle on grass by day in clear weather"
@@ -92,9 +93,15 @@ class WorldModel:
 
     def engine(
         self, prompt: str | SceneSettings = DEFAULT_WORLD_PROMPT, steps: tuple[int, ...] = STUDENT_STEPS[4],
-        seed: int = 0, **changes: object,
+        seed: int = 0, guidance: float | None = None, **changes: object,
     ) -> StreamEngine:
-        return StreamEngine(self.dit, world_engine_config(steps, seed, **changes), self.encode(prompt))
+        """`guidance`: the classifier-free guidance scale; by default the student streams at `STREAM_GUIDANCE` with
+        the chunk sampler, and unguided with the stream-batch or rolling samplers (which run no guidance) or as the
+        teacher (whose guided rows the evaluation asks for by name)."""
+        if guidance is None:
+            plain = self.which != "student" or changes.get("stream_batch") or changes.get("rolling_chunks", 1) > 1
+            guidance = 1.0 if plain else STREAM_GUIDANCE
+        return StreamEngine(self.dit, world_engine_config(steps, seed, guidance=guidance, **changes), self.encode(prompt))
 
     def decoder(self, dtype: torch.dtype = torch.bfloat16) -> WorldDecoder:
         """A fresh streaming decoder (one per stream: it carries state between chunks)."""

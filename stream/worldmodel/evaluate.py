@@ -26,7 +26,7 @@ from framecast.models.world.evaluation import (
 from framecast.stream.model_source import RandomDiT
 from framecast.stream.worldmodel.bundle import WorldModel
 from framecast.stream.worldmodel.recipe import (
-    CHUNK_FRAMES, GUIDANCE, STUDENT_STEPS, WEIGHTS_DIR, WORLD_DIT, teacher_step_list,
+    CHUNK_FRAMES, GUIDANCE, STREAM_GUIDANCE, STUDENT_STEPS, WEIGHTS_DIR, WORLD_DIT, teacher_step_list,
 )
 from framecast.stream.worldmodel.rollout import guided_rollout, model_rollout, random_script, world_rollout
 
@@ -46,10 +46,14 @@ class EvalSettings:
     long_streams: int = 3
     seed: int = 10_000  # training clips use episode seeds from 0
     rows: tuple[str, ...] = ("ground truth", "teacher 32 steps guided", "teacher 32 steps", "teacher 4 steps",
-                             "student 4 steps", "student 2 steps", "student 1 step", "random weights 4 steps")
+                             "student 4 steps", "student 4 steps unguided", "student 2 steps", "student 1 step",
+                             "random weights 4 steps")
     # the classifier-free guidance of the "guided" teacher row: the teacher the student distils (the engine streams
     # without guidance, so that row streams through `guided_rollout`); at 1 the row is left out
     guidance: float = GUIDANCE
+    # the guidance the student rows (and drift streams) stream with, as every command does by default; the row
+    # "student 4 steps unguided" shows what it adds
+    student_guidance: float = STREAM_GUIDANCE
 
     def __post_init__(self) -> None:
         for name in ("frames", "switch_every", "long_switch_every"):
@@ -61,6 +65,8 @@ class EvalSettings:
             raise ConfigError(f"long_frames={self.long_frames} must be 0 or >= 2 x drift_window={self.drift_window}")
         if not 1.0 <= self.guidance <= 10.0:
             raise ConfigError(f"guidance={self.guidance} must be in [1, 10] (1: no guided row)")
+        if not 1.0 <= self.student_guidance <= 10.0:
+            raise ConfigError(f"student_guidance={self.student_guidance} must be in [1, 10] (1: unguided)")
         if self.teacher_steps < 32:
             raise ConfigError(f"teacher_steps={self.teacher_steps}: the teacher is measured at >= 32 steps")
 
@@ -91,17 +97,18 @@ def evaluate_world(
     seconds: dict[str, float] = {}
     samples: dict[str, np.ndarray] = {}
     for name in settings.rows:
-        if name.endswith("guided") and settings.guidance == 1:
+        if name.endswith(" guided") and settings.guidance == 1:
             continue
         started = time.perf_counter()
         if name == "ground truth":
             rollout = world_rollout(script, seed=settings.seed)
-        elif name.endswith("guided"):
+        elif name.endswith(" guided"):
             model, steps = row_model(name, student, teacher)
             rollout = guided_rollout(model, script, len(steps), settings.guidance, seed=settings.seed, progress=progress)
         else:
             model, steps = row_model(name, student, teacher)
-            rollout = model_rollout(model, script, steps, seed=settings.seed, progress=progress)
+            guidance = 1.0 if name.endswith("unguided") else settings.student_guidance if model is student else None
+            rollout = model_rollout(model, script, steps, seed=settings.seed, progress=progress, guidance=guidance)
         seconds[name] = time.perf_counter() - started
         rows[name] = stream_metrics(rollout)
         samples[name] = rollout.frames[:: max(settings.switch_every // 2, 1)][:12]
@@ -117,7 +124,8 @@ def evaluate_world(
         for stream in range(settings.long_streams):
             seed = settings.seed + 1 + stream
             long_script = random_script(seed, whole_chunks, settings.long_switch_every)
-            long = model_rollout(student, long_script, STUDENT_STEPS[4], seed=seed, progress=progress)
+            long = model_rollout(student, long_script, STUDENT_STEPS[4], seed=seed, progress=progress,
+                                 guidance=settings.student_guidance)
             firsts.append(stream_metrics(window(long, 0, settings.drift_window)))
             lasts.append(stream_metrics(window(long, *last_window)))
             over_time.append(adherence_over_time(long, bucket_frames=100))
@@ -141,11 +149,12 @@ def stream_batch_quality(
     folder: Path = WEIGHTS_DIR, frames: int = 900, switch_every: int = 60, seed: int = 10_000, progress: bool = False,
 ) -> dict[str, StreamMetrics]:
     """What stream-batch mode (stream/stream_batch.py) costs the shipped student: 4 steps with the chunk sampler and
-    with the stream-batch sampler, on the same script (each fed its controls as far ahead as its control lag)."""
+    with the stream-batch sampler, on the same script (each fed its controls as far ahead as its control lag); both
+    unguided, since the stream-batch sampler runs no guidance."""
     student = WorldModel.load(folder, "student")
     script = random_script(seed, frames, switch_every)
     return {
-        f"student 4 steps, {name}": stream_metrics(model_rollout(student, script, STUDENT_STEPS[4], seed, progress, batch))
+        f"student 4 steps, {name}": stream_metrics(model_rollout(student, script, STUDENT_STEPS[4], seed, progress, batch, 1.0))
         for name, batch in (("chunk sampler", False), ("stream batch", True))
     }
 

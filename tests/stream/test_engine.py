@@ -76,9 +76,10 @@ def iter_chunks(engine: StreamEngine):
 def tiny_engine(prompt: torch.Tensor | None = None, **changes) -> StreamEngine:
     torch.manual_seed(0)
     dit = CausalWanDiT(preset("tiny", num_actions=changes.pop("num_actions", 0))).double()
+    negative_prompt = changes.pop("negative_prompt", None)
     config = EngineConfig(latent_height=2, latent_width=2, **changes)
     default_prompt = torch.randn(1, 5, dit.config.text_dim, dtype=torch.float64)
-    return StreamEngine(dit, config, default_prompt if prompt is None else prompt)
+    return StreamEngine(dit, config, default_prompt if prompt is None else prompt, negative_prompt=negative_prompt)
 
 
 def other_prompt() -> torch.Tensor:
@@ -153,6 +154,10 @@ def test_reset_restarts_the_stream_with_the_same_prompt() -> None:
         (dict(context_noise=1000), "context_noise=1000"),
         (dict(window_frames=600), r"window_frames=600 must be in \[1, 512\]"),
         (dict(shift=0.0), "shift=0.0"),
+        (dict(guidance=0.5), r"guidance=0.5 must be a number in \[1, 10\]"),
+        (dict(guidance=True), r"guidance=True must be a number"),
+        (dict(guidance=1.5, stream_batch=True), "guidance=1.5 runs in the chunk sampler only"),
+        (dict(guidance=1.5, rolling_chunks=2), "guidance=1.5 runs in the chunk sampler only"),
     ],
 )
 def test_engine_config_errors_name_value_and_range(changes: dict, message: str) -> None:
@@ -234,3 +239,42 @@ def test_video_to_video_starts_from_noised_source_latents() -> None:
     torch.testing.assert_close(calls[0], keep * source + sigma * noise, rtol=0, atol=1e-12)
     with pytest.raises(ShapeError, match="source latents have shape"):
         engine.next_chunk(source=source[:, :1])
+
+
+def chunks_of(engine: StreamEngine, count: int) -> list[torch.Tensor]:
+    stream = engine.chunks()
+    return [next(stream).latents for _ in range(count)]
+
+
+def test_guidance_toward_the_null_prompt_itself_is_the_unguided_stream() -> None:
+    """null + s x (prompt - null) = prompt when the null prompt is the prompt: exact only if the null prompt's own
+    memory holds the same context as the prompt's, chunk after chunk (7 chunks roll a 6-frame window)."""
+    prompt = torch.randn(1, 5, preset("tiny").text_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    plain = chunks_of(tiny_engine(prompt, window_frames=6, sink_frames=0), 7)
+    guided = chunks_of(tiny_engine(prompt, window_frames=6, sink_frames=0, guidance=3.0, negative_prompt=prompt), 7)
+    for a, b in zip(plain, guided):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_guided_first_chunk_extrapolates_from_the_null_prompt_to_the_prompt() -> None:
+    """One step from noise: x0 is affine in the flow, so the guided x0 is null_x0 + s x (x0 - null_x0); the default
+    null prompt is all-zero rows (the empty prompt)."""
+    prompt = torch.randn(1, 5, preset("tiny").text_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    steps = dict(denoising_steps=(1000,))
+    conditional = chunks_of(tiny_engine(prompt, **steps), 1)[0]
+    null = chunks_of(tiny_engine(torch.zeros_like(prompt), **steps), 1)[0]
+    guided = chunks_of(tiny_engine(prompt, guidance=2.5, **steps), 1)[0]
+    torch.testing.assert_close(guided, null + 2.5 * (conditional - null), rtol=0, atol=1e-10)
+    assert (guided - conditional).abs().max() > 1e-3
+
+
+def test_reset_forgets_the_null_prompt_memory_too() -> None:
+    engine = tiny_engine(guidance=2.0)
+    stream = engine.chunks()
+    next(stream), next(stream)
+    engine.reset()
+    after_reset = next(stream).latents
+    fresh = tiny_engine(guidance=2.0)
+    for _ in range(2 * len(fresh.steps)):  # the noise the first engine drew before its reset
+        fresh.noise.draw(fresh.chunk_shape, torch.float64, torch.device("cpu"))
+    torch.testing.assert_close(next(fresh.chunks()).latents, after_reset, rtol=0, atol=1e-12)

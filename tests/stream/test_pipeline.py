@@ -231,3 +231,8 @@ def test_pipeline_config_errors_name_the_value() -> None:
         Lane(0, MODEL.config, CONFIG, prompt(1), torch.float64).set_steps((750,))
     with pytest.raises(ConfigError, match="add up to num_layers=3"):
         PipelineEngine(MODEL, CONFIG, [prompt(1)], PipelineConfig(stages=2, layers_per_stage=(1, 1), standby=False))
+
+
+def test_lanes_refuse_a_guided_config() -> None:
+    with pytest.raises(ConfigError, match="pipeline's lanes run unguided"):
+        Lane(0, MODEL.config, dataclasses.replace(CONFIG, guidance=1.5), prompt(1), torch.float64)

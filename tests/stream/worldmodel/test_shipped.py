@@ -47,3 +47,14 @@ def test_the_student_beats_random_weights_by_a_wide_margin(metrics):
         assert student.slot_adherence[slot] >= floor.slot_adherence[slot] + 80, (slot, floor.slot_adherence)
     slots = ("terrain", "weather", "time", "agent_colour", "agent_found")
     assert sum(student.slot_adherence[s] for s in slots) >= sum(floor.slot_adherence[s] for s in slots) + 200
+
+
+def test_the_student_streams_guided_unless_its_sampler_cannot():
+    from framecast.stream.worldmodel.recipe import STREAM_GUIDANCE
+
+    student, teacher = WorldModel.load(), WorldModel.load(which="teacher")
+    assert STREAM_GUIDANCE > 1
+    assert student.engine().config.guidance == STREAM_GUIDANCE
+    assert student.engine(guidance=1.25).config.guidance == 1.25
+    assert student.engine(stream_batch=True).config.guidance == 1.0  # the stream-batch sampler runs no guidance
+    assert teacher.engine().config.guidance == 1.0  # the evaluation asks for its guided rows by name
