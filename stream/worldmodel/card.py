@@ -281,7 +281,13 @@ def write_model_card(run: Path, model_dir: Path) -> Path:
             lines += [
                 f"### Drift: {streams} student stream{'s' if streams > 1 else ''} of {s['long_frames']} frames "
                 f"(4 steps, seeds from {s['seed'] + 1}), a new scene every {s['long_switch_every']} frames; "
-                "the first and the last windows of all streams graded together", "", d["table"], "",
+                "the first and the last windows of all streams graded together", "",
+                *([f"The last {s['drift_window']} frames of each stream replay the scenes and keys of its first "
+                   f"{s['drift_window']} (`replay_opening`), so both windows grade the same asks and what differs is "
+                   "how long the model has streamed. With different scenes in the two windows (up to run 9), one "
+                   "stream's windows differed by up to 13 points by the luck of the draw.", ""]
+                  if s.get("drift_replay") else []),
+                d["table"], "",
                 "Last minus first (points): " + ", ".join(f"{k} {v:+.2f}" for k, v in d["difference"].items()), "",
                 *(["Per stream, adherence / actions last minus first: " + "; ".join(
                     f"{v['prompt_adherence']:+.1f} / {v['action_following']:+.1f}" for v in d["streams"]), ""]

@@ -53,6 +53,19 @@ def random_script(seed: int, frames: int, switch_every: int | None) -> StreamScr
     return StreamScript(tuple(settings), actions)
 
 
+def replay_opening(script: StreamScript, frames: int, at: int) -> StreamScript:
+    """The script with its first `frames` frames (scenes and keys) played again from frame `at` (a chunk boundary):
+    a drift measurement then grades the same asks early and late in one stream, so that what differs is how long
+    the model has streamed, not which scenes each window happened to draw."""
+    if at % CHUNK_FRAMES or not frames <= at <= script.frames - frames:
+        raise ConfigError(f"replay at frame {at} of a {script.frames}-frame script: it must be a chunk boundary "
+                          f"({CHUNK_FRAMES} frames) in [{frames}, {script.frames - frames}]")
+    settings = script.settings[:at] + script.settings[:frames] + script.settings[at + frames:]
+    actions = script.actions.copy()
+    actions[at : at + frames] = script.actions[:frames]
+    return StreamScript(settings, actions)
+
+
 def world_rollout(script: StreamScript, seed: int = 0, config: WorldConfig = WorldConfig()) -> Rollout:
     """The procedural world itself under the script: the ground truth a model's stream is measured against."""
     world = World(config, seed, script.settings[0])

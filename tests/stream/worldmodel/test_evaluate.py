@@ -43,3 +43,9 @@ def test_student_rows_stream_guided_and_the_unguided_row_does_not():
 def test_eval_settings_refuse_no_drift_streams():
     with pytest.raises(ConfigError, match="long_streams"):
         EvalSettings(long_streams=0)
+
+
+def test_eval_settings_refuse_a_replay_off_the_chunk_grid():
+    with pytest.raises(ConfigError, match="long_frames - drift_window = 4750 must be a multiple"):
+        EvalSettings(drift_window=250)
+    assert EvalSettings(drift_window=250, drift_replay=False).drift_window == 250

@@ -136,3 +136,18 @@ def test_a_guided_stream_is_seeded_decoded_and_steered_by_its_scale() -> None:
     assert not np.array_equal(runs[0].frames, runs[2].frames)
     with pytest.raises(ConfigError, match="whole number"):
         guided_rollout(model, StreamScript(script.settings[:4], script.actions[:4]), 2, 1.0)
+
+
+def test_replay_opening_plays_the_first_frames_again_and_nothing_else_changes():
+    from framecast.stream.worldmodel.rollout import replay_opening
+
+    script = random_script(3, 90, 30)
+    replayed = replay_opening(script, 24, 60)
+    assert replayed.settings[60:84] == script.settings[:24]
+    assert (replayed.actions[60:84] == script.actions[:24]).all()
+    assert replayed.settings[:60] + replayed.settings[84:] == script.settings[:60] + script.settings[84:]
+    assert (replayed.actions[:60] == script.actions[:60]).all() and (replayed.actions[84:] == script.actions[84:]).all()
+    with pytest.raises(ConfigError, match="chunk boundary"):
+        replay_opening(script, 24, 61)
+    with pytest.raises(ConfigError, match=r"in \[24, 66\]"):
+        replay_opening(script, 24, 69)
