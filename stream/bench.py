@@ -18,14 +18,16 @@ from framecast.stream.producer import Decoder, Producer
 
 
 def degradation_steps(full: tuple[int, ...], *, fixed: bool = False) -> tuple[tuple[int, ...], ...]:
-    """The step lists to degrade through: the full list, every other step, the first step alone.
+    """The step lists to degrade through: the full list, about half of it evenly spaced from its first step
+    ((1000, 750, 500, 250) -> (1000, 500); (1000, 500, 250) -> (1000, 500)), the first step alone.
 
     `fixed`: the sampler cannot shorten a chunk's steps (Rolling Forcing's window holds one chunk per step), so the
     scheduler degrades by filling and dropping only.
     """
     if fixed:
         return (full,)
-    lists = [full, full[::2], full[:1]]
+    half = -(-len(full) // 2)
+    lists = [full, tuple(full[i * len(full) // half] for i in range(half)), full[:1]]
     return tuple(dict.fromkeys(lists))  # drop duplicates, keep order
 
 

@@ -120,11 +120,11 @@ def check_world_args(args: argparse.Namespace) -> None:
 
 
 def world_steps(args: argparse.Namespace) -> tuple[int, ...]:
-    from framecast.stream.worldmodel.recipe import STUDENT_STEPS, teacher_step_list
+    from framecast.stream.worldmodel.recipe import STREAM_STEPS, teacher_step_list
 
     if args.denoising_steps:
         return args.denoising_steps
-    return teacher_step_list() if args.world_dit == "teacher" else STUDENT_STEPS[4]
+    return teacher_step_list() if args.world_dit == "teacher" else STREAM_STEPS
 
 
 def load_world_model(args: argparse.Namespace):

@@ -25,7 +25,7 @@ from framecast.models.world.prompt import SceneSettings, describe, parse_prompt
 from framecast.models.world.text_encoder import WorldTextEncoder, load_text_encoder
 from framecast.stream.engine import StreamEngine
 from framecast.stream.worldmodel.recipe import (
-    AUTOENCODER_FILE, STREAM_GUIDANCE, STUDENT_FILE, STUDENT_STEPS, TEACHER_FILE, TEXT_ENCODER_FILE, WEIGHTS_DIR,
+    AUTOENCODER_FILE, STREAM_GUIDANCE, STREAM_STEPS, STUDENT_FILE, TEACHER_FILE, TEXT_ENCODER_FILE, WEIGHTS_DIR,
     world_engine_config,
 )
 
@@ -92,7 +92,7 @@ class WorldModel:
         return self.text_encoder.encode([prompt])
 
     def engine(
-        self, prompt: str | SceneSettings = DEFAULT_WORLD_PROMPT, steps: tuple[int, ...] = STUDENT_STEPS[4],
+        self, prompt: str | SceneSettings = DEFAULT_WORLD_PROMPT, steps: tuple[int, ...] = STREAM_STEPS,
         seed: int = 0, guidance: float | None = None, **changes: object,
     ) -> StreamEngine:
         """`guidance`: the classifier-free guidance scale; by default the student streams at `STREAM_GUIDANCE` with

@@ -26,7 +26,7 @@ from framecast.models.world.evaluation import (
 from framecast.stream.model_source import RandomDiT
 from framecast.stream.worldmodel.bundle import WorldModel
 from framecast.stream.worldmodel.recipe import (
-    CHUNK_FRAMES, GUIDANCE, STREAM_GUIDANCE, STUDENT_STEPS, WEIGHTS_DIR, WORLD_DIT, teacher_step_list,
+    CHUNK_FRAMES, GUIDANCE, STREAM_GUIDANCE, STREAM_STEPS, STUDENT_STEPS, WEIGHTS_DIR, WORLD_DIT, teacher_step_list,
 )
 from framecast.stream.worldmodel.rollout import (
     guided_rollout, model_rollout, random_script, replay_opening, world_rollout,
@@ -51,7 +51,8 @@ class EvalSettings:
     drift_replay: bool = True
     seed: int = 10_000  # training clips use episode seeds from 0
     rows: tuple[str, ...] = ("ground truth", "teacher 32 steps guided", "teacher 32 steps", "teacher 4 steps",
-                             "student 4 steps", "student 4 steps unguided", "student 2 steps", "student 1 step",
+                             "student 3 steps", "student 4 steps", "student 4 steps unguided", "student 2 steps",
+                             "student 1 step",
                              "random weights 4 steps")
     # the classifier-free guidance of the "guided" teacher row: the teacher the student distils (the engine streams
     # without guidance, so that row streams through `guided_rollout`); at 1 the row is left out
@@ -89,7 +90,7 @@ def row_model(name: str, student: WorldModel, teacher: WorldModel | None) -> tup
         if teacher is None:
             raise ConfigError("the teacher's weights are needed for the teacher rows")
         return teacher, teacher_step_list(count) if count > 4 else STUDENT_STEPS[count]
-    return student, STUDENT_STEPS[count]
+    return student, STREAM_STEPS if count == len(STREAM_STEPS) else STUDENT_STEPS[count]
 
 
 def evaluate_world(
@@ -134,7 +135,7 @@ def evaluate_world(
             long_script = random_script(seed, whole_chunks, settings.long_switch_every)
             if settings.drift_replay:
                 long_script = replay_opening(long_script, settings.drift_window, last_window[0])
-            long = model_rollout(student, long_script, STUDENT_STEPS[4], seed=seed, progress=progress,
+            long = model_rollout(student, long_script, STREAM_STEPS, seed=seed, progress=progress,
                                  guidance=settings.student_guidance)
             firsts.append(stream_metrics(window(long, 0, settings.drift_window)))
             lasts.append(stream_metrics(window(long, *last_window)))
@@ -144,7 +145,7 @@ def evaluate_world(
                             "streams": [drift(f, l) for f, l in zip(firsts, lasts)],
                             "table": metrics_table({f"frames 0-{settings.drift_window}": first,
                                                     "frames {}-{}".format(*last_window): last})}
-        series["student 4 steps"] = np.nanmean(np.stack(over_time), axis=0)
+        series[f"student {len(STREAM_STEPS)} steps"] = np.nanmean(np.stack(over_time), axis=0)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(results, indent=1, default=float))

@@ -118,4 +118,4 @@ def test_generate_streams_a_random_world_model_with_switches_and_actions(random_
         frames = list(container.decode(video=0))
     assert len(frames) == 7 and {(f.width, f.height) for f in frames} == {(128, 128)}
     out = capsys.readouterr().out
-    assert f"wrote 7 frames (128x128, 30 fps, world student, 4 steps) to {video}" in out
+    assert f"wrote 7 frames (128x128, 30 fps, world student, 3 steps) to {video}" in out
