@@ -173,7 +173,7 @@ STREAM_DEFAULTS = dict(chunk_frames=3, denoising_steps=(1000, 750, 500, 250), sh
 def add_stream_flags(p: argparse.ArgumentParser) -> None:
     """Engine settings; unset flags take the family's values (with --family) or STREAM_DEFAULTS."""
     p.add_argument("--chunk-frames", type=int, help="latent frames per chunk (default 3)")
-    p.add_argument("--steps", dest="denoising_steps", type=parse_steps, help="denoising steps (default 1000,750,500,250)")
+    p.add_argument("--steps", dest="denoising_steps", type=parse_steps, help="denoising steps (default 1000,750,500,250; the world model's student: 1000,500,250)")
     p.add_argument("--shift", type=float, help="schedule shift (default 5)")
     p.add_argument("--cache", choices=[k.value for k in CacheKind], help="rolling (default) or full")
     p.add_argument("--window-frames", type=int, help="frames attended, sinks included (default 12)")
