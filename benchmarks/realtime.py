@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from framecast.kernels.compute_dtype import default_dtype
 from framecast.models.config import preset
 from framecast.models.dit import CausalWanDiT
 from framecast.models.preview import PreviewDecoder
@@ -50,9 +51,9 @@ def world_stream():
 
 def tiny_stream():
     torch.manual_seed(0)
-    dit = CausalWanDiT(preset("tiny")).to(torch.bfloat16).eval()
+    dit = CausalWanDiT(preset("tiny")).to(default_dtype("cpu")).eval()
     prompt = HashedTextEncoder(dit.config.text_dim, dit.config.text_len).encode("a quiet lake at dawn")
-    return StreamEngine(dit, EngineConfig(latent_height=16, latent_width=16), prompt.to(torch.bfloat16)), PreviewDecoder(16)
+    return StreamEngine(dit, EngineConfig(latent_height=16, latent_width=16), prompt.to(dit.dtype)), PreviewDecoder(16)
 
 
 MODELS = {

@@ -3,7 +3,8 @@
     python benchmarks/world.py            # full run (about 8 minutes on a 2-core CPU)
     python benchmarks/world.py --quick    # smoke run; writes world-cpu-quick.* result files
 
-What it measures (the shipped weights, or --weights DIR; bfloat16, 2 threads unless --threads):
+What it measures (the shipped weights, or --weights DIR; 2 threads unless --threads; the compute dtype every command
+uses by default, `default_dtype`: bfloat16 where the CPU multiplies it natively, float32 elsewhere):
 
 1. Throughput per step list (the default 3 steps, then 4, 2, 1, with the student's default classifier-free guidance;
    and 4 steps unguided): `StreamEngine.next_chunk` (denoising steps + the clean context pass, controls, history)
@@ -42,6 +43,7 @@ from tqdm import tqdm
 
 from machine_load import ForeignLoad
 
+from framecast.kernels.compute_dtype import cpu_name, default_dtype
 from framecast.models.memory import KVCache
 from framecast.stream.worldmodel.bundle import WorldModel
 from framecast.stream.worldmodel.recipe import CHUNK_FRAMES, STREAM_STEPS, STUDENT_STEPS, WEIGHTS_DIR, WINDOW_FRAMES
@@ -179,8 +181,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     chunks = 20 if args.quick else 120
     memory_frames = 600 if args.quick else 10_000
-    results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                                f"{args.threads} threads, torch {torch.__version__}",
+    results: dict = {"machine": f"{cpu_name()}, {os.cpu_count()} cores, {args.threads} threads, "
+                                f"torch {torch.__version__}, {str(default_dtype('cpu')).removeprefix('torch.')}",
                      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     results["cold"] = cold_start(args.weights, args.threads)
     model = WorldModel.load(args.weights)

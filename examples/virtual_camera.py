@@ -32,16 +32,17 @@ def build_session(args: argparse.Namespace):
 
     from framecast.models.config import preset
     from framecast.models.dit import CausalWanDiT
+    from framecast.kernels.compute_dtype import default_dtype
     from framecast.models.preview import PreviewDecoder
     from framecast.models.text import HashedTextEncoder
     from framecast.stream.engine import EngineConfig, StreamEngine
     from framecast.stream.session import Session, SessionConfig
 
     torch.manual_seed(args.seed)
-    dit = CausalWanDiT(preset("tiny")).to(torch.bfloat16).eval()
+    dit = CausalWanDiT(preset("tiny")).to(default_dtype("cpu")).eval()
     text = HashedTextEncoder(dit.config.text_dim, dit.config.text_len)
     engine = StreamEngine(dit, EngineConfig(latent_height=args.size // 8, latent_width=args.size // 8, seed=args.seed),
-                          text.encode(args.prompt).to(torch.bfloat16))
+                          text.encode(args.prompt).to(dit.dtype))
     config = SessionConfig(fps=args.fps, latency_budget_s=args.latency_budget, output_scale=args.output_scale)
     return Session(engine, PreviewDecoder(dit.config.out_dim, 8, 4), text.encode, config, token=args.token)
 

@@ -25,11 +25,11 @@ from framecast.models.config import PRESETS, preset
 from framecast.models.dit import CausalWanDiT
 from framecast.models.errors import ConfigError, FrameCastError
 from framecast.models.text import HashedTextEncoder, load_prompt_embeds
+from framecast.kernels.compute_dtype import DTYPE_NAMES, default_dtype
 from framecast.stream.engine import CacheKind, EngineConfig, StreamEngine
 
 log = logging.getLogger("framecast")
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
 VAE_SPATIAL, VAE_TEMPORAL = 8, 4  # Wan VAE: 8x8 pixels and 4 frames per latent (the first latent gives 1 frame)
 DEFAULT_PROMPT = "a quiet lake at dawn"
 
@@ -71,7 +71,7 @@ def add_generate(commands: argparse._SubParsersAction) -> None:
                    "rolling-forcing): its DiT, checkpoint layout and stream settings; --weights is its file or folder")
     add_stream_flags(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    add_dtype_flag(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--memory-profile", help="a named device-memory profile of the 1.3B model (e.g. 24gb: bf16, umT5 "
@@ -119,6 +119,24 @@ def check_world_args(args: argparse.Namespace) -> None:
         raise ConfigError("--stages splits Wan-size models; the world model runs in one process")
 
 
+def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """A `--dtype` value ("auto" or a dtype's name) -> the dtype; float16 on the CPU is refused (~50x slower)."""
+    if name == "auto":
+        return default_dtype(device)
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"--dtype {name!r}: choose auto or one of {', '.join(DTYPE_NAMES)}")
+    dtype = DTYPE_NAMES[name]
+    if dtype == torch.float16 and torch.device(device).type == "cpu":
+        raise ConfigError("--dtype float16 on the CPU is ~50x slower than float32; use auto, bfloat16 or float32")
+    return dtype
+
+
+def add_dtype_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
+                   help="compute dtype (auto: bfloat16 on GPUs and on CPUs that multiply it natively, float32 on other "
+                   "CPUs, where bfloat16 is emulated and tens of times slower); weights load from any stored dtype")
+
+
 def world_steps(args: argparse.Namespace) -> tuple[int, ...]:
     from framecast.stream.worldmodel.recipe import STREAM_STEPS, teacher_step_list
 
@@ -131,7 +149,8 @@ def load_world_model(args: argparse.Namespace):
     from framecast.stream.worldmodel.bundle import WorldModel
     from framecast.stream.worldmodel.recipe import WEIGHTS_DIR
 
-    return WorldModel.load(args.world_weights or WEIGHTS_DIR, args.world_dit, dtype=DTYPES[args.dtype],
+    return WorldModel.load(args.world_weights or WEIGHTS_DIR, args.world_dit,
+                           dtype=resolve_dtype(args.dtype, args.device),
                            device=args.device)
 
 
@@ -379,7 +398,7 @@ def check_stages(args: argparse.Namespace) -> None:
     stage_placement(args)
 
 
-PROFILE_FLAGS = {"family": None, "dtype": "bfloat16", "decoder": None, "height": 128, "width": 128,
+PROFILE_FLAGS = {"family": None, "dtype": "auto", "decoder": None, "height": 128, "width": 128,
                  "window_frames": None, "sink_frames": None}  # generate's defaults of what a memory profile sets
 
 
@@ -408,8 +427,7 @@ def run_generate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--frames={args.frames} must be >= 1")
     if args.memory_profile:
         apply_memory_profile(args)
-    if DTYPES[args.dtype] == torch.float16 and torch.device(args.device).type == "cpu":
-        raise ConfigError("--dtype float16 on the CPU is ~50x slower than bfloat16; use bfloat16 or float32")
+    resolve_dtype(args.dtype, args.device)  # refuses float16 on the CPU before anything slow
     check_stages(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -423,9 +441,7 @@ def run_generate(args: argparse.Namespace) -> None:
     args.fps = args.fps or 16
     args.preset = args.preset or "tiny"
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
-    if dtype == torch.float16 and device.type == "cpu":
-        raise ConfigError("--dtype float16 on the CPU is ~50x slower than bfloat16; use bfloat16 or float32")
+    dtype = resolve_dtype(args.dtype, device)
     if args.frames < 1:
         raise ConfigError(f"--frames={args.frames} must be >= 1")
     check_stages(args)
@@ -515,7 +531,7 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, help="write the metrics summary here")
     p.add_argument("--prometheus", action="store_true", help="print the /metrics text instead of the summary")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    add_dtype_flag(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_stream_flags(p)
     p.set_defaults(run=run_bench)
@@ -528,9 +544,8 @@ def run_bench(args: argparse.Namespace) -> None:
         raise ConfigError(f"--seconds={args.seconds} must be > 0")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    if dtype == torch.float16 and device.type == "cpu":
-        raise ConfigError("--dtype float16 on the CPU is ~50x slower than bfloat16; use bfloat16 or float32")
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     check_stages(args)
     if uses_world_model(args):
         check_world_args(args)
@@ -594,7 +609,7 @@ def add_session_flags(p: argparse.ArgumentParser) -> None:
     add_placement_flags(p, backend=False)
     add_stream_flags(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    add_dtype_flag(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -635,8 +650,7 @@ def add_vcam(commands: argparse._SubParsersAction) -> None:
 
 def check_session_args(args: argparse.Namespace) -> None:
     """Refuse bad session flags before anything slow (model loading, opening a camera) happens."""
-    if DTYPES[args.dtype] == torch.float16 and torch.device(args.device).type == "cpu":
-        raise ConfigError("--dtype float16 on the CPU is ~50x slower than bfloat16; use bfloat16 or float32")
+    resolve_dtype(args.dtype, args.device)  # refuses float16 on the CPU before anything slow
     if args.height % (2 * VAE_SPATIAL) or args.width % (2 * VAE_SPATIAL):
         raise ConfigError(f"--height/--width {args.height}x{args.width} must be multiples of {2 * VAE_SPATIAL}")
     if args.output_scale < 1:
@@ -719,7 +733,8 @@ def build_session(args: argparse.Namespace, token: str | None = None):
         options = {} if args.prompt is None else {"prompt": args.prompt}
         simulator = WorldSimulator(SimulatorConfig(height=args.height, width=args.width, seed=args.seed, **options))
         return Session(simulator, PixelDecoder(), simulator.encode_prompt, config, token=token)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     dit = build_model(args, dtype, device).eval()
     text = HashedTextEncoder(dit.config.text_dim, dit.config.text_len)
     if args.weights:

@@ -23,6 +23,7 @@ from framecast.models.loading import load_dit
 from framecast.models.world.autoencoder import WorldAutoencoder, WorldDecoder, load_autoencoder
 from framecast.models.world.prompt import SceneSettings, describe, parse_prompt
 from framecast.models.world.text_encoder import WorldTextEncoder, load_text_encoder
+from framecast.kernels.compute_dtype import default_dtype
 from framecast.stream.engine import StreamEngine
 from framecast.stream.worldmodel.recipe import (
     AUTOENCODER_FILE, STREAM_GUIDANCE, STREAM_STEPS, STUDENT_FILE, TEACHER_FILE, TEXT_ENCODER_FILE, WEIGHTS_DIR,
@@ -67,10 +68,11 @@ class WorldModel:
 
     @classmethod
     def load(
-        cls, folder: Path = WEIGHTS_DIR, which: str = "student", dtype: torch.dtype = torch.bfloat16,
+        cls, folder: Path = WEIGHTS_DIR, which: str = "student", dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu", dit_file: Path | None = None,
     ) -> WorldModel:
-        """The shipped model (or a training run's folder); `which`: student (the default) or teacher."""
+        """The shipped model (or a training run's folder); `which`: student (the default) or teacher. `dtype`: the
+        DiT's compute dtype (default: `default_dtype(device)`; the files hold bfloat16)."""
         if which not in DIT_FILES:
             raise ConfigError(f"which={which!r} must be one of {list(DIT_FILES)}")
         folder = Path(folder)
@@ -81,7 +83,7 @@ class WorldModel:
                 f"world model files missing: {', '.join(missing)} (train them with `framecast train world`, "
                 "or restore models/world/weights from git)"
             )
-        dit = load_dit(paths[0], dtype=dtype, device=device).eval().requires_grad_(False)
+        dit = load_dit(paths[0], dtype=dtype or default_dtype(device), device=device).eval().requires_grad_(False)
         return cls(dit, load_text_encoder(paths[1]), load_autoencoder(paths[2]), which)
 
     def prompt_text(self, first: str = DEFAULT_WORLD_PROMPT) -> PromptText:
@@ -103,6 +105,7 @@ class WorldModel:
             guidance = 1.0 if plain else STREAM_GUIDANCE
         return StreamEngine(self.dit, world_engine_config(steps, seed, guidance=guidance, **changes), self.encode(prompt))
 
-    def decoder(self, dtype: torch.dtype = torch.bfloat16) -> WorldDecoder:
-        """A fresh streaming decoder (one per stream: it carries state between chunks)."""
-        return WorldDecoder(self.autoencoder, dtype)
+    def decoder(self, dtype: torch.dtype | None = None) -> WorldDecoder:
+        """A fresh streaming decoder (one per stream: it carries state between chunks), on the CPU, in `dtype`
+        (default: `default_dtype("cpu")`)."""
+        return WorldDecoder(self.autoencoder, dtype or default_dtype("cpu"))

@@ -84,7 +84,7 @@ def row_model(name: str, student: WorldModel, teacher: WorldModel | None) -> tup
     """The model and step list a row names ("<kind> [...] <count> step[s] [guided]")."""
     kind, count = name.split()[0], int(re.search(r"(\d+) steps?\b", name).group(1))
     if kind == "random":
-        dit = RandomDiT(WORLD_DIT, torch.bfloat16, seed=0, action_std=0.02)()
+        dit = RandomDiT(WORLD_DIT, student.dit.dtype, seed=0, action_std=0.02)()
         return dataclasses.replace(student, dit=dit, which="random"), STUDENT_STEPS[4]
     if kind == "teacher":
         if teacher is None:

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from framecast.kernels.compute_dtype import bf16_autocast_enabled, default_dtype
 from framecast.models.dit import CausalWanDiT, TextContext
 from framecast.models.errors import ConfigError
 from framecast.models.loading import load_dit, save_dit
@@ -89,7 +90,7 @@ class StudentSettings:
     agent_weight: float = 10.0  # extra loss weight under the agent, found in the decoded target (as the teacher's)
     ema_decay: float = 0.99
     checkpoint_every_s: float = 180.0
-    bfloat16_autocast: bool = True
+    bfloat16_autocast: bool | None = None  # None: where the device multiplies bf16 natively (compute_dtype)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "rollout_chunks", "teacher_substeps"):
@@ -396,8 +397,9 @@ def rollout_loss(
     tokens, actions = clips.tokens[index].to(device), clips.actions[index].to(device)
     mine, theirs = Rollout(student), GuidedTeacher(teacher, settings.guidance)
     losses = []
-    # bf16 autocast throughout (the context passes included: the engine streams in bf16); losses in float32
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bfloat16_autocast)
+    # bf16 autocast throughout where the machine streams in bf16 (the context passes included); losses in float32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=bf16_autocast_enabled(device, settings.bfloat16_autocast))
     switched_after_warmup = False
     if settings.warmup_chunks:  # no draws without a warm-up: rollouts stay as they were
         warmup = int(rng.integers(settings.warmup_chunks + 1))
@@ -474,7 +476,7 @@ def train_student(
     rebase_from): the earlier student's few-step skill carried onto the retrained teacher."""
     clips = LatentClips.load(out / CLIPS_FILE)
     device_ = torch.device(device)
-    teacher = load_dit(out / "teacher.safetensors", dtype=torch.bfloat16, device=device_).eval().requires_grad_(False)
+    teacher = load_dit(out / "teacher.safetensors", dtype=default_dtype(device_), device=device_).eval().requires_grad_(False)
     text_encoder = load_text_encoder(out / "text_encoder.safetensors").to(device_).requires_grad_(False)
     locate_agent = AgentLocator(load_autoencoder(autoencoder_path))
     student = load_dit(out / "teacher.safetensors", dtype=torch.float32, device=device_).train()

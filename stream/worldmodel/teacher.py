@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from framecast.kernels.compute_dtype import bf16_autocast_enabled
 from framecast.models.dit import CausalWanDiT
 from framecast.models.errors import ConfigError
 from framecast.models.loading import load_dit, save_dit
@@ -58,7 +59,7 @@ class TeacherSettings:
     window_frames: int = 9  # frames per training sample: a chunk-aligned window of a clip at a random offset
     clips: int = 3000
     checkpoint_every_s: float = 180.0
-    bfloat16_autocast: bool = True
+    bfloat16_autocast: bool | None = None  # None: where the device multiplies bf16 natively (compute_dtype)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "clip_frames", "window_frames", "clips", "warmup_steps"):
@@ -181,6 +182,7 @@ def train_teacher(
     `text_encoder.safetensors` (EMA weights, bfloat16 DiT) into `out` at every checkpoint and at the end."""
     out.mkdir(parents=True, exist_ok=True)
     device_ = torch.device(device)
+    autocast = bf16_autocast_enabled(device_, settings.bfloat16_autocast)
     clips = load_or_make_clips(out, settings, autoencoder_path)
     torch.manual_seed(seed)
     dit = CausalWanDiT(WORLD_DIT).to(device_)
@@ -243,7 +245,7 @@ def train_teacher(
         index = torch.from_numpy(rng.choice(len(clips), settings.batch, replace=False))
         offset = int(rng.integers((settings.clip_frames - settings.window_frames) // CHUNK_FRAMES + 1)) * CHUNK_FRAMES
         frames = slice(offset, offset + settings.window_frames)
-        with torch.autocast(device_.type, dtype=torch.bfloat16, enabled=settings.bfloat16_autocast):
+        with torch.autocast(device_.type, dtype=torch.bfloat16, enabled=autocast):
             loss = loss_fn(dit, text_encoder, clips.latents[index, frames], clips.actions[index, frames],
                            clips.tokens[index, frames], generator, clips.agent_xy[index, frames])
         optimizer.zero_grad(set_to_none=True)

@@ -30,7 +30,7 @@ def metrics():
         model = WorldModel.load()
         script = random_script(seed=4242, frames=60, switch_every=30)
         student = stream_metrics(model_rollout(model, script, STUDENT_STEPS[4], seed=1))
-        random_dit = RandomDiT(WORLD_DIT, torch.bfloat16, seed=0, action_std=0.02)()
+        random_dit = RandomDiT(WORLD_DIT, model.dit.dtype, seed=0, action_std=0.02)()
         floor = stream_metrics(model_rollout(dataclasses.replace(model, dit=random_dit), script, STUDENT_STEPS[4], seed=1))
     finally:
         torch.set_num_threads(threads)
