@@ -111,14 +111,19 @@ def test_buckets_structure() -> None:
     assert buckets.max() == 31 and buckets[0, 299] == 31 and buckets[299, 0] == 15  # distances >= 128 share the last
 
 
+# The reference's float32 softmax is replicated and all else is float64. That softmax's exp is vectorised differently per
+# CPU: within 1e-10 on the machine with AVX512 that the suite ran on before, 1.0e-6 on an AVX2-only AMD EPYC. The float32
+# replay is 10x looser.
+FLOAT64_REPLAY_TOLERANCE = 4e-6
+
+
 def test_float64_replay_matches_reference(fixture: dict) -> None:
     encoder = load_umt5(fixture["state_dict"], TINY, dtype=torch.float64)
     with torch.no_grad():
         raw = encoder(fixture["ids"], fixture["mask"])
     embeds = zero_padding_rows(raw, fixture["mask"])
-    # the reference's float32 softmax is replicated, so this is 0.0 in practice; 1e-10 leaves room for BLAS order
-    assert (raw - fixture["out_raw"]).abs().max() <= 1e-10
-    assert (embeds - fixture["prompt_embeds"]).abs().max() <= 1e-10
+    assert (raw - fixture["out_raw"]).abs().max() <= FLOAT64_REPLAY_TOLERANCE
+    assert (embeds - fixture["prompt_embeds"]).abs().max() <= FLOAT64_REPLAY_TOLERANCE
 
 
 def test_float32_replay_is_close(fixture: dict) -> None:
@@ -133,7 +138,7 @@ def test_prompt_encoder_zeroes_padding_rows(fixture: dict) -> None:
     prompts = PromptEncoder(load_umt5(fixture["state_dict"], TINY, dtype=torch.float64))
     embeds = prompts.encode_ids(fixture["ids"], fixture["mask"])
     assert embeds.shape == (2, 160, 32) and embeds.dtype == torch.float64
-    assert (embeds - fixture["prompt_embeds"]).abs().max() <= 1e-10
+    assert (embeds - fixture["prompt_embeds"]).abs().max() <= FLOAT64_REPLAY_TOLERANCE
     for row, length in enumerate(fixture["seq_lens"].tolist()):
         assert torch.all(embeds[row, length:] == 0)
         assert torch.all(embeds[row, :length].abs().sum(-1) > 0)
