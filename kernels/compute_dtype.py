@@ -19,30 +19,32 @@ import torch
 DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
 
 
-def _cpu_flags() -> set[str] | None:
-    """The CPU's feature flags (Linux `/proc/cpuinfo`), or None where the system does not list them."""
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's entries in Linux `/proc/cpuinfo` (empty where the system has no such file)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return None
+        return {}
+    info: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return None
+        info.setdefault(key.strip(), value.strip())
+    return info
+
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags (x86 `flags`, Arm `Features`), or None where the system does not list them."""
+    info = _cpuinfo()
+    listed = info.get("flags", info.get("Features"))
+    return None if listed is None else set(listed.split())
 
 
 def cpu_name() -> str:
-    """The CPU's model name where the system lists it (`/proc/cpuinfo`), else the architecture: benchmark results
-    name the machine, and the dtype that is fast depends on the CPU."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                return f"{value.strip()} ({platform.machine()}, {'native' if cpu_has_fast_bf16() else 'emulated'} bf16)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name where the system lists it, else the architecture, and whether its bf16 is native:
+    benchmark results name the machine, and the dtype that is fast depends on the CPU."""
+    name = _cpuinfo().get("model name") or platform.processor() or platform.machine()
+    return f"{name} ({platform.machine()}, {'native' if cpu_has_fast_bf16() else 'emulated'} bf16)"
 
 
 def _bf16_matmul_is_fast(size: int = 256, repeats: int = 3) -> bool:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from framecast.kernels import compute_dtype
-from framecast.kernels.compute_dtype import bf16_autocast_enabled, cpu_has_fast_bf16, default_dtype
+from framecast.kernels.compute_dtype import bf16_autocast_enabled, cpu_has_fast_bf16, cpu_name, default_dtype
 from framecast.models.errors import ConfigError
 from framecast.stream.cli import resolve_dtype
 
@@ -38,6 +38,7 @@ def test_fast_bf16_from_flags_on_x86_and_measured_elsewhere(cpu, flags, machine,
     assert default_dtype("cpu") == (torch.bfloat16 if fast else torch.float32)
     assert bf16_autocast_enabled("cpu") is fast
     assert bf16_autocast_enabled("cpu", True) is True and bf16_autocast_enabled("cpu", False) is False
+    assert cpu_name().endswith(f"({machine}, {'native' if fast else 'emulated'} bf16)")  # benchmarks name it
 
 
 def test_gpus_compute_in_bf16_whatever_the_cpu(cpu) -> None:
