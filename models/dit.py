@@ -65,6 +65,13 @@ class TextContext:
     def batch(self) -> int:
         return self.keys[0].shape[0]
 
+    def first_rows(self, rows: int) -> TextContext:
+        """The first `rows` batch rows (a guided stream's prompt rows, without the null prompt's)."""
+        def cut(parts: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+            return tuple(None if t is None else t[:rows] for t in parts)
+
+        return TextContext(keys=cut(self.keys), values=cut(self.values))
+
 
 class SelfAttention(nn.Module):
     def __init__(self, config: DiTConfig, layer: int) -> None:

@@ -198,9 +198,10 @@ class KVCache(_Planned):
         window_keys.copy_(rotate(window_keys, cos, sin))
         self.position_offset = new_offset
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rows: int | None = None) -> Tensor:
+        """`rows`: the call holds only the first `rows` batch rows (see `FirstRows`); the others stay as they are."""
         plan = self._in_flight()
-        keys, values = self.keys[layer], self.values[layer]
+        keys, values = self.keys[layer, :rows], self.values[layer, :rows]
         for src, dst, count in plan.writes:
             keys[:, dst : dst + count].copy_(k[:, src : src + count])
             values[:, dst : dst + count].copy_(v[:, src : src + count])
@@ -276,13 +277,14 @@ class LinearState(_Planned):
         self._plan_frames(first, self.committed_frames, advances=False)
         return range(first, self.committed_frames)
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rows: int | None = None) -> Tensor:
+        """`rows`: the call holds only the first `rows` batch rows (see `FirstRows`); the others stay as they are."""
         plan = self._in_flight()
-        state = self.state[layer] if plan.advances else self._empty_state
-        normalizer = self.normalizer[layer] if plan.advances else self._empty_normalizer
+        state = self.state[layer, :rows] if plan.advances else self._empty_state[:rows]
+        normalizer = self.normalizer[layer, :rows] if plan.advances else self._empty_normalizer[:rows]
         out, block_state, block_normalizer = linear_attention(q, k, v, state, normalizer)
-        self.pending_state[layer].copy_(block_state)
-        self.pending_normalizer[layer].copy_(block_normalizer)
+        self.pending_state[layer, :rows].copy_(block_state)
+        self.pending_normalizer[layer, :rows].copy_(block_normalizer)
         return out
 
     def commit(self) -> None:
@@ -295,6 +297,31 @@ class LinearState(_Planned):
             self.state.copy_(self.pending_state)
             self.normalizer.copy_(self.pending_normalizer)
         self._plan = None
+
+
+class FirstRows:
+    """The first `rows` batch rows of a `KVCache` or `LinearState`, as a memory of their own for one DiT call.
+
+    A guided stream keeps the prompt's rows then the null prompt's in one memory; a step that runs unguided calls the
+    DiT on the prompt's rows alone, at half the batch. It writes the prompt rows' keys (or state terms) of the frames
+    in flight and leaves the null rows' as they were: the next guided call, or the context pass, writes those before
+    anything reads them.
+    """
+
+    def __init__(self, memory: KVCache | LinearState, rows: int) -> None:
+        if not isinstance(memory, (KVCache, LinearState)):
+            raise ConfigError(f"{type(memory).__name__} has no rows to split (a KVCache or LinearState has)")
+        self.memory, self.rows = memory, rows
+
+    @property
+    def committed_frames(self) -> int:
+        return self.memory.committed_frames
+
+    def rope_positions(self) -> tuple[int, ...]:
+        return self.memory.rope_positions()
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return self.memory.attend(layer, q, k, v, rows=self.rows)
 
 
 class BlockCausal:

@@ -68,6 +68,9 @@ class EngineConfig:
     # classifier-free guidance scale (1: none). Above 1 every step and the context pass run under the prompt and
     # the null prompt, which keeps a memory of its own, as one batch of twice the rows (~1.5x the DiT's time on a CPU)
     guidance: float = 1.0
+    # guided, only the first this many steps of a chunk are (None: all). The later steps run the prompt's rows alone,
+    # at half the batch; the context pass stays guided, since the null prompt's memory must see every frame
+    guided_steps: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("latent_height", "latent_width", "chunk_frames", "window_frames", "batch"):
@@ -104,6 +107,12 @@ class EngineConfig:
         if self.guidance != 1 and (self.stream_batch or self.rolling_chunks > 1):
             raise ConfigError(f"guidance={self.guidance} runs in the chunk sampler only, not with stream_batch or "
                               "rolling_chunks > 1")
+        if self.guided_steps is not None and (
+            isinstance(self.guided_steps, bool) or not isinstance(self.guided_steps, int)
+            or not 1 <= self.guided_steps <= len(self.denoising_steps)
+        ):
+            raise ConfigError(f"guided_steps={self.guided_steps!r} must be None (every step) or an integer in "
+                              f"[1, {len(self.denoising_steps)}] (the steps of denoising_steps={self.denoising_steps})")
         if self.rolling_chunks > 1:
             from framecast.stream.rolling import check_rolling_config  # the rolling sampler's own rules
 
@@ -366,7 +375,8 @@ class StreamEngine:
             noise = self.noise.draw(self.chunk_shape, dit.dtype, dit.device)
             if source is not None:
                 noise = renoise(source.to(dit.device, dit.dtype), noise, schedule[0].sigma)
-            latents = denoise(dit, noise, self._text, self.memory, schedule, self.noise, self._actions, config.guidance)
+            latents = denoise(dit, noise, self._text, self.memory, schedule, self.noise, self._actions, config.guidance,
+                              config.guided_steps)
         with self.timer.measure("context"):
             context = latents
             if config.context_noise:

@@ -5,7 +5,7 @@ The schedule is the reference's `FlowMatchScheduler(shift, extra_one_step=True)`
 A distilled model's step list (e.g. 1000, 750, 500, 250) is warped onto it: `cat(timesteps, [0])[1000 - step]`.
 Each step predicts the flow, turns it into the clean estimate `x0 = x - sigma*flow` (float64), and, except after the
 last step, re-noises `x0` to the next step's sigma with fresh noise. Stateless: the schedule and noise are arguments.
-Optionally each step's flow is classifier-free guided (`guided_flow`).
+Optionally each step's flow is classifier-free guided (`guided_flow`), or only the first `guided_steps` steps' are.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from framecast.models.dit import CausalWanDiT, TextContext
 from framecast.models.errors import ConfigError
-from framecast.models.memory import Memory
+from framecast.models.memory import FirstRows, Memory
 from framecast.stream.noise import NoiseSource
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -125,14 +125,25 @@ def denoise(
     noise: NoiseSource,
     actions: Tensor | None = None,
     guidance: float = 1.0,
+    guided_steps: int | None = None,
 ) -> Tensor:
     """Denoise the frames in flight (x [B, F, C, H, W], pure noise at steps[0]) to their clean estimate; guided
-    above `guidance` 1, with `text` and `memory` of batch 2B (see `guided_flow`)."""
+    above `guidance` 1, with `text` and `memory` of batch 2B (see `guided_flow`).
+
+    `guided_steps`: only the first this many steps are guided (None: all); the later ones run the prompt's rows
+    alone, at batch B. Guidance shapes what a frame shows in the high-noise steps; the low-noise steps refine it."""
     batch, frames = x.shape[:2]
+    guided_steps = len(steps) if guided_steps is None or guidance == 1 else guided_steps
+    prompt_only = None
     x0 = x
-    for step in steps:
+    for index, step in enumerate(steps):
         timesteps = torch.full((batch, frames), step.timestep, dtype=torch.float32, device=x.device)
-        x0 = to_clean(x, guided_flow(dit, x, timesteps, text, memory, actions, guidance), step.sigma)
+        if index < guided_steps:
+            flow = guided_flow(dit, x, timesteps, text, memory, actions, guidance)
+        else:
+            prompt_only = prompt_only or (text.first_rows(batch), FirstRows(memory, batch))
+            flow = dit(x, timesteps, *prompt_only, actions)
+        x0 = to_clean(x, flow, step.sigma)
         if not step.is_last:
             x = renoise(x0, noise.draw(tuple(x0.shape), x0.dtype, x0.device), step.next_sigma)
     return x0

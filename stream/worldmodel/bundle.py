@@ -95,15 +95,19 @@ class WorldModel:
 
     def engine(
         self, prompt: str | SceneSettings = DEFAULT_WORLD_PROMPT, steps: tuple[int, ...] = STREAM_STEPS,
-        seed: int = 0, guidance: float | None = None, **changes: object,
+        seed: int = 0, guidance: float | None = None, guided_steps: int | None = None, **changes: object,
     ) -> StreamEngine:
         """`guidance`: the classifier-free guidance scale; by default the student streams at `STREAM_GUIDANCE` with
         the chunk sampler, and unguided with the stream-batch or rolling samplers (which run no guidance) or as the
-        teacher (whose guided rows the evaluation asks for by name)."""
+        teacher (whose guided rows the evaluation asks for by name). `guided_steps`: guided, only the first this many
+        steps are (`EngineConfig.guided_steps`; default: all)."""
         if guidance is None:
             plain = self.which != "student" or changes.get("stream_batch") or changes.get("rolling_chunks", 1) > 1
             guidance = 1.0 if plain else STREAM_GUIDANCE
-        return StreamEngine(self.dit, world_engine_config(steps, seed, guidance=guidance, **changes), self.encode(prompt))
+        # guided_steps only means something guided; a step list shorter than it is guided throughout
+        guided_steps = None if guidance == 1 or guided_steps is None else min(guided_steps, len(steps))
+        config = world_engine_config(steps, seed, guidance=guidance, guided_steps=guided_steps, **changes)
+        return StreamEngine(self.dit, config, self.encode(prompt))
 
     def decoder(self, dtype: torch.dtype | None = None) -> WorldDecoder:
         """A fresh streaming decoder (one per stream: it carries state between chunks), on the CPU, in `dtype`

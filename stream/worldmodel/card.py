@@ -2,6 +2,8 @@
 
 `write_model_card(run, model_dir)` reads the run's training histories, the evaluation (`eval.json`) and, when
 present, the speed benchmark (benchmarks/results/world-cpu.json), plots the loss curves, and writes MODEL_CARD.md.
+The histories are also kept, compacted, in the model folder (`training_history.json`), so that a card can be written
+again from the shipped files alone when the run folder is gone.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from framecast.stream.worldmodel.recipe import (
 
 SPEED_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "world-cpu.json"
 SIZE_BUDGET_BYTES = 20 * 1024 * 1024
+HISTORY_FILE = "training_history.json"
+STATE_FILES = {"teacher": "teacher_state.pt", "student": "student_state.pt", "guidance": "guidance/guidance_state.pt"}
+CURVE_POINTS = 400  # loss-curve points a compacted history keeps
 
 
 def plot_loss(history: dict, path: Path, label: str) -> None:
@@ -27,13 +32,13 @@ def plot_loss(history: dict, path: Path, label: str) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    losses = np.asarray(history["loss"])
+    losses, steps = np.asarray(history["loss"]), _steps(history)
     figure, axes = plt.subplots(figsize=(6, 3.2))
-    axes.plot(history["step"], losses, alpha=0.25, label="step")
+    axes.plot(steps, losses, alpha=0.25, label="step")
     window = max(1, len(losses) // 40)
     if len(losses) > window:
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        axes.plot(history["step"][window - 1 :], smooth, label=f"mean of {window}")
+        axes.plot(steps[window - 1 :], smooth, label=f"mean of {window}")
     axes.set_yscale("log")
     axes.set_xlabel("step")
     axes.set_ylabel(label)
@@ -48,6 +53,45 @@ def _history(run: Path, state_file: str) -> dict | None:
     if not path.exists():
         return None
     return torch.load(path, weights_only=False, map_location="cpu")["history"]
+
+
+def _steps(history: dict) -> list:
+    return history.get("step") or history.get("update") or []
+
+
+def compact_history(history: dict) -> dict:
+    """A history small enough to ship: its settings and records as they are, its curves at <= CURVE_POINTS points
+    (the last always kept), and the final loss (mean of the last 50) and length of the whole run."""
+    steps, losses = _steps(history), history.get("loss", [])
+    keep = sorted(set(range(0, len(losses), max(1, -(-len(losses) // CURVE_POINTS)))) | {len(losses) - 1}) if losses else []
+    compact = {k: v for k, v in history.items() if k not in ("step", "update", "loss", "seconds", "steps_used")}
+    compact.update(step=[steps[i] for i in keep], loss=[float(losses[i]) for i in keep],
+                   seconds=[float(history["seconds"][i]) for i in keep] if history.get("seconds") else [],
+                   final_loss=float(np.mean(losses[-50:])) if losses else None, final_step=steps[-1] if steps else 0)
+    return compact
+
+
+def training_histories(run: Path, model_dir: Path) -> dict[str, dict]:
+    """Each stage's history: from the run's state files, else from the model folder's `training_history.json`
+    (what an earlier card kept); the merged, compacted set is written back there."""
+    path = model_dir / HISTORY_FILE
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    histories = {}
+    for stage, state_file in STATE_FILES.items():
+        history = _history(run, state_file)
+        if history is not None:
+            histories[stage] = compact_history(history)
+        elif stage in stored:
+            histories[stage] = stored[stage]
+    path.write_text(json.dumps(histories, indent=1))
+    return histories
+
+
+def _final(history: dict) -> tuple[int, float | None]:
+    """(steps, final loss: mean of the last 50) of a full or compacted history."""
+    if "final_step" in history:
+        return history["final_step"], history.get("final_loss")
+    return (_steps(history)[-1] if _steps(history) else 0), (float(np.mean(history["loss"][-50:])) if history["loss"] else None)
 
 
 TARGET_TEXTS = {
@@ -157,9 +201,16 @@ def _student_start(history: dict | None) -> str:
             f"`{started['rebase_from']}`)")
 
 
-def _stream_guidance_text(results: dict | None) -> str:
-    """How the student streams: classifier-free guided, with what the eval measured it to add."""
+def _stream_guidance_text(results: dict | None, distilled: dict | None = None) -> str:
+    """How the student streams: unguided (as guidance-distilled, or plain), or classifier-free guided, with what the
+    eval measured guidance to add."""
     scale = ((results or {}).get("settings") or {}).get("student_guidance", STREAM_GUIDANCE)
+    if scale == 1 and distilled:
+        baked = distilled.get("settings", {}).get("guidance", "?")
+        return (f"- **Guidance**: distilled in (see Recipe). The student streams unguided, in one pass, what the "
+                f"student it was distilled from streamed under classifier-free guidance at {baked:g}: every command "
+                f"streams {len(STREAM_STEPS)} of its 4 steps, {STREAM_STEPS}, at the cost of {len(STREAM_STEPS) + 1} "
+                "plain DiT calls a chunk (the steps and the context pass). `--guidance` above 1 still guides on top.")
     if scale == 1:
         return "- **Guidance**: none; the student streams its own flow."
     text = (f"- **Guidance**: the student streams with classifier-free guidance at {scale:g} (`EngineConfig.guidance`; "
@@ -181,16 +232,37 @@ def _stream_guidance_text(results: dict | None) -> str:
     return text
 
 
+def _guidance_distillation_text(history: dict) -> str:
+    """The guidance distillation stage (guidance_distill.py), from its settings."""
+    settings = history.get("settings", {})
+    scale, schedules = settings.get("guidance", 1.5), settings.get("schedules", [])
+    return (
+        f"**Guidance distillation: the guided student in one pass.** The distilled student above streams best under "
+        f"classifier-free guidance at {scale:g}, which runs every DiT call on the prompt and on the null prompt (~1.5x "
+        "the DiT's time). A copy of it (the pupil) learns, unguided, the clean estimates that it makes guided: the "
+        "first stage of Meng et al.'s guided-model distillation, on the pupil's own rollouts. Each chunk runs the "
+        "pupil's sampler as the engine does; at every step its clean estimate is regressed onto the guided student's "
+        "from the same noisy latents under the same context, and both sides commit the pupil's output as context "
+        f"(Self-Forcing's exposure-bias fix). Rollouts of {settings.get('rollout_chunks', '?')} scored chunks after "
+        f"0 to {settings.get('warmup_chunks', '?')} unscored ones, batch {settings.get('batch', '?')}, half of them "
+        "switching prompt with re-cache; step lists " + ", ".join(str(tuple(s)) for s in schedules)
+        + f" (weights {tuple(settings.get('schedule_weights', ()))}); one AdamW step per chunk at lr "
+        f"{settings.get('learning_rate', '?')}, EMA {settings.get('ema_decay', '?')}. No data: prompts and keys are "
+        "drawn as the evaluation draws them. Every command streams the result unguided."
+    )
+
+
 def _minutes(history: dict | None) -> str:
     return "?" if not history or not history["seconds"] else f"{history['seconds'][-1] / 60:.1f}"
 
 
 def write_model_card(run: Path, model_dir: Path) -> Path:
-    teacher, student = _history(run, "teacher_state.pt"), _history(run, "student_state.pt")
-    if teacher:
-        plot_loss(teacher, model_dir / "teacher_loss.png", "flow-matching loss")
-    if student:
-        plot_loss(student, model_dir / "student_loss.png", "distillation loss")
+    histories = training_histories(run, model_dir)
+    teacher, student, guidance = (histories.get(stage) for stage in ("teacher", "student", "guidance"))
+    for history, name, label in ((teacher, "teacher", "flow-matching loss"), (student, "student", "distillation loss"),
+                                 (guidance, "guidance", "guidance distillation loss")):
+        if history and not history.get("kept_by_hand") and len(history["loss"]) > 1:  # a summary: the shipped plot stays
+            plot_loss(history, model_dir / f"{name}_loss.png", label)
     results = json.loads((model_dir / "eval.json").read_text()) if (model_dir / "eval.json").exists() else None
     speed = json.loads(SPEED_RESULTS.read_text()) if SPEED_RESULTS.exists() else None
     files = sorted(p for p in model_dir.glob("*.safetensors"))
@@ -224,7 +296,7 @@ def write_model_card(run: Path, model_dir: Path) -> Path:
         + ", ".join(f"{k}: {v}" for k, v in STUDENT_STEPS.items()) + "; every command streams "
         f"{STREAM_STEPS} by default (a sub-list of the 4-step one: see Guidance); prompt switches re-cache the window "
         "(LongLive).",
-        _stream_guidance_text(results),
+        _stream_guidance_text(results, guidance),
         "- **Text encoder** (`models/world/text_encoder.py`): the prompt is parsed into its five slots (any phrasing "
         "of a scene gives the same embedding), one token per slot, a pre-norm transformer layer: output [1, 5, 64], "
         "shaped like umT5's [1, tokens, 4096] for Wan. Trained jointly with the teacher.",
@@ -246,6 +318,7 @@ def write_model_card(run: Path, model_dir: Path) -> Path:
         "Self-Forcing. Per chunk one exit step is drawn (Self-Forcing's trick: gradients at one step only); the "
         f"student's clean estimate there is regressed onto {_target_text(student)}{_warmup_text(student)}",
         "",
+        *([_guidance_distillation_text(guidance), ""] if guidance else []),
         "## Training",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
@@ -253,11 +326,16 @@ def write_model_card(run: Path, model_dir: Path) -> Path:
         "| stage | steps | minutes | final loss (mean of last 50) |",
         "| --- | ---: | ---: | ---: |",
     ]
-    for name, history in (("teacher", teacher), ("student", student)):
+    for name, history in (("teacher", teacher), ("student", student), ("guidance distillation", guidance)):
         if history:
-            lines.append(f"| {name} | {history['step'][-1] if history['step'] else 0:,} | {_minutes(history)} | "
-                         f"{np.mean(history['loss'][-50:]):.4f} |")
-    lines += ["", "![teacher loss](teacher_loss.png) ![student loss](student_loss.png)", ""]
+            steps, loss = _final(history)
+            lines.append(f"| {name} | {steps:,} | {_minutes(history)} | {'?' if loss is None else f'{loss:.4f}'} |")
+    lines += ["", "![teacher loss](teacher_loss.png) ![student loss](student_loss.png)"
+              + (" ![guidance distillation loss](guidance_loss.png)" if guidance else ""), ""]
+    kept_by_hand = [name for name, h in histories.items() if h.get("kept_by_hand")]
+    if kept_by_hand:
+        lines += [f"The {' and '.join(kept_by_hand)} rows and plots are kept from earlier cards "
+                  f"(`{HISTORY_FILE}`): the full histories were lost with the machine that trained them.", ""]
     if (run / "RUN_HISTORY.md").exists():  # runs chained by hand (--init-from) before this one: their record
         lines += [(run / "RUN_HISTORY.md").read_text().strip(), ""]
     lines += ["## Evaluation (`framecast eval world`)", ""]
@@ -273,6 +351,9 @@ def write_model_card(run: Path, model_dir: Path) -> Path:
             "",
             results["table"],
             "",
+            *([f"The rows {', '.join(repr(r) for r in results['carried_rows']['rows'])} are carried from "
+               f"{results['carried_rows']['from']}: {results['carried_rows']['why']}.", ""]
+              if results.get("carried_rows") else []),
             "![metrics](eval_metrics.png)",
             "",
             "Frames at the same media times, one row per model:",
@@ -285,7 +366,7 @@ def write_model_card(run: Path, model_dir: Path) -> Path:
             streams = s.get("long_streams", 1)
             lines += [
                 f"### Drift: {streams} student stream{'s' if streams > 1 else ''} of {s['long_frames']} frames "
-                f"({len(STREAM_STEPS)} steps, guided: the default; seeds from {s['seed'] + 1}), a new scene every {s['long_switch_every']} frames; "
+                f"({len(STREAM_STEPS)} steps, the default stream; seeds from {s['seed'] + 1}), a new scene every {s['long_switch_every']} frames; "
                 "the first and the last windows of all streams graded together", "",
                 *([f"The last {s['drift_window']} frames of each stream replay the scenes and keys of its first "
                    f"{s['drift_window']} (`replay_opening`), so both windows grade the same asks and what differs is "
@@ -320,10 +401,12 @@ def write_model_card(run: Path, model_dir: Path) -> Path:
 def _targets(results: dict, speed: dict | None) -> list[str]:
     """The issue's targets against this model's measurements, met or not."""
     rows = results["rows"]
-    default = f"student {len(STREAM_STEPS)} steps"  # what every command streams (guided)
+    default = f"student {len(STREAM_STEPS)} steps"  # what every command streams
     student, four = (rows.get(default) or rows.get("student 4 steps")), rows.get("student 4 steps")
     which = default if rows.get(default) else "student 4 steps"
-    table = ["## Targets", "", f"Quality targets on the default stream (`{which}`, guided); the teacher comparison on "
+    scale = results.get("settings", {}).get("student_guidance", STREAM_GUIDANCE)
+    how = "unguided" if scale == 1 else f"guided at {scale:g}"
+    table = ["## Targets", "", f"Quality targets on the default stream (`{which}`, {how}); the teacher comparison on "
              "the 4-step student, as the goal names it.", "", "| target | measured | met |", "| --- | --- | :-: |"]
 
     def row(target: str, measured: str, met: bool) -> None:

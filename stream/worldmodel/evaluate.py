@@ -51,14 +51,13 @@ class EvalSettings:
     drift_replay: bool = True
     seed: int = 10_000  # training clips use episode seeds from 0
     rows: tuple[str, ...] = ("ground truth", "teacher 32 steps guided", "teacher 32 steps", "teacher 4 steps",
-                             "student 3 steps", "student 4 steps", "student 4 steps unguided", "student 2 steps",
-                             "student 1 step",
+                             "student 3 steps", "student 4 steps", "student 2 steps", "student 1 step",
                              "random weights 4 steps")
     # the classifier-free guidance of the "guided" teacher row: the teacher the student distils (the engine streams
     # without guidance, so that row streams through `guided_rollout`); at 1 the row is left out
     guidance: float = GUIDANCE
-    # the guidance the student rows (and drift streams) stream with, as every command does by default; the row
-    # "student 4 steps unguided" shows what it adds
+    # the guidance the student rows (and drift streams) stream with, as every command does by default (none: the
+    # shipped student is guidance-distilled); a row named "... unguided" streams at 1 whatever this is
     student_guidance: float = STREAM_GUIDANCE
 
     def __post_init__(self) -> None:

@@ -32,15 +32,17 @@ TEACHER_STEPS = 32
 # classifier-free guidance of the teacher in the student's distillation target (and the eval's guided teacher row):
 # the teacher trains with the null prompt on `TeacherSettings.prompt_dropout` of its samples
 GUIDANCE = 1.5
-# classifier-free guidance the student streams with (EngineConfig.guidance; the student keeps the teacher's null-prompt
-# skill): on two 1,800-frame scripts it took the run-9 student's adherence from 87.8 / 88.8% to 94.1 / 95.7% and the
-# new prompt's arrival from 10-15 frames at most to 3, for ~1.5x the DiT's time (prompt and null rows in one batch).
-# 2 was worse than 1.5 (91.7%, one scene never drawn), as it was for the teacher
-STREAM_GUIDANCE = 1.5
-# the steps every command streams with: guided at 4 steps the student makes 28 frames/s on the 2-core CPU, under the
-# 30 of the goal; 3 of its 4 steps keep its quality (adherence 94.6 / 95.7 / 90.1 / 90.8% on the four 1,800-frame
-# scripts against 94.5 / 93.1 / 90.8 / 89.1% at 4) at ~35 frames/s. Each step sees inputs it was trained on: 500 after
-# 1000 as in the 2-step schedule, 250 after 500 as in the 4-step one
+# classifier-free guidance the distilled student streams best under (the guide of the guidance distillation,
+# guidance_distill.py): on two 1,800-frame scripts it took the run-9 student's adherence from 87.8 / 88.8% to
+# 94.1 / 95.7% and the new prompt's arrival from 10-15 frames at most to 3, for ~1.5x the DiT's time (prompt and null
+# rows in one batch); 2 was worse than 1.5 (91.7%, one scene never drawn), as it was for the teacher
+GUIDED_STUDENT_GUIDANCE = 1.5
+# the guidance every command streams the shipped student with (EngineConfig.guidance): none, since the shipped student
+# is guidance-distilled (run 11): it streams unguided what the run-9 student streamed guided at 1.5, in one pass
+STREAM_GUIDANCE = 1.0
+# the steps every command streams with: 3 of the student's 4 steps keep its quality (run 10, guided: adherence
+# 94.6 / 95.7 / 90.1 / 90.8% on the four 1,800-frame scripts against 94.5 / 93.1 / 90.8 / 89.1% at 4). Each step
+# sees inputs it was trained on: 500 after 1000 as in the 2-step schedule, 250 after 500 as in the 4-step one
 STREAM_STEPS = (1000, 500, 250)
 
 

@@ -80,7 +80,7 @@ def world_rollout(script: StreamScript, seed: int = 0, config: WorldConfig = Wor
 
 def stream_frames(
     model, script: StreamScript, steps: tuple[int, ...], seed: int = 0, progress: bool = False,
-    stream_batch: bool = False, guidance: float | None = None,
+    stream_batch: bool = False, guidance: float | None = None, guided_steps: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Stream `model` (a WorldModel) under the script: decoded uint8 frames [3, 128, 128, 3], chunk by chunk.
 
@@ -90,7 +90,8 @@ def stream_frames(
     if script.frames % CHUNK_FRAMES:
         raise ConfigError(f"a script of {script.frames} frames must be a whole number of {CHUNK_FRAMES}-frame chunks")
     lead = len(steps) if stream_batch else 0  # chunk c >= S + 1 enters during call c - S
-    engine = model.engine(script.settings[0], steps=steps, seed=seed, stream_batch=stream_batch, guidance=guidance)
+    engine = model.engine(script.settings[0], steps=steps, seed=seed, stream_batch=stream_batch, guidance=guidance,
+                          guided_steps=guided_steps)
     decoder = model.decoder()
     applied = script.settings[0]
     for call, start in enumerate(tqdm(range(0, script.frames, CHUNK_FRAMES), desc=f"{model.which} {len(steps)} steps",
@@ -107,10 +108,12 @@ def stream_frames(
 
 def model_rollout(
     model, script: StreamScript, steps: tuple[int, ...], seed: int = 0, progress: bool = False, stream_batch: bool = False,
-    guidance: float | None = None,
+    guidance: float | None = None, guided_steps: int | None = None,
 ) -> Rollout:
-    """The whole stream of `model` under the script, for the evaluation (`guidance`: see `WorldModel.engine`)."""
-    frames = np.concatenate(list(stream_frames(model, script, steps, seed, progress, stream_batch, guidance)))
+    """The whole stream of `model` under the script, for the evaluation (`guidance`, `guided_steps`: see
+    `WorldModel.engine`)."""
+    frames = np.concatenate(list(stream_frames(model, script, steps, seed, progress, stream_batch, guidance,
+                                               guided_steps)))
     return Rollout(frames, script.settings, script.actions)
 
 

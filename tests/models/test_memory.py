@@ -5,7 +5,7 @@ import torch
 
 from framecast.models.config import AttentionKind, preset
 from framecast.models.errors import CacheFull, ConfigError
-from framecast.models.memory import BlockCausal, KVCache, LinearState
+from framecast.models.memory import BlockCausal, FirstRows, KVCache, LinearState
 
 TINY = preset("tiny")
 
@@ -134,3 +134,42 @@ def test_sinks_follow_the_window_from_their_original_rotation() -> None:
     expected[..., :pairs] = rotate(sink_keys[..., :pairs], cos, sin)
     torch.testing.assert_close(memory.keys[0][:, :6], expected, rtol=0, atol=1e-12)
     assert shift == 12
+
+
+@pytest.mark.parametrize("kind", ["kv", "linear"])
+def test_first_rows_write_and_read_only_their_rows(kind: str) -> None:
+    """A call on the first row of a batch-2 memory answers as a batch-1 memory holding that row, and leaves the
+    second row's keys (or state terms) as they were."""
+    config = TINY if kind == "kv" else TINY.replace(attention=AttentionKind.LINEAR)
+
+    def make(batch: int):
+        if kind == "kv":
+            return KVCache(config, batch=batch, tokens_per_frame=2, window_frames=6, dtype=torch.float64)
+        return LinearState(config, batch=batch, chunk_frames=3, recache_frames=6, dtype=torch.float64)
+
+    generator = torch.Generator().manual_seed(5)
+    shape = (2, 6, config.num_heads, config.head_dim)
+    context = [torch.randn(shape, dtype=torch.float64, generator=generator) for _ in range(3)]
+    pair, single = make(2), make(1)
+    for memory, rows in ((pair, slice(None)), (single, slice(0, 1))):  # a committed chunk, one row apart
+        memory.begin_chunk(3)
+        for layer in range(config.num_layers):
+            memory.attend(layer, *(t[rows] for t in context))
+        memory.commit()
+    q, k, v = (torch.randn((1, *shape[1:]), dtype=torch.float64, generator=generator) for _ in range(3))
+    buffers = ("keys", "values") if kind == "kv" else ("pending_state", "pending_normalizer")
+    pair.begin_chunk(3), single.begin_chunk(3)
+    before = {name: getattr(pair, name)[:, 1].clone() for name in buffers}
+    rows = FirstRows(pair, 1)
+    assert rows.rope_positions() == single.rope_positions() and rows.committed_frames == 3
+    for layer in range(config.num_layers):
+        torch.testing.assert_close(rows.attend(layer, q, k, v), single.attend(layer, q, k, v), rtol=0, atol=1e-12)
+    for name in buffers:
+        torch.testing.assert_close(getattr(pair, name)[:, 1], before[name], rtol=0, atol=0)
+        torch.testing.assert_close(getattr(pair, name)[:, :1], getattr(single, name), rtol=0, atol=1e-12)
+
+
+def test_first_rows_refuse_a_memory_without_rows() -> None:
+    mask_only = BlockCausal(TINY, num_frames=3, chunk_frames=3, tokens_per_frame=2)
+    with pytest.raises(ConfigError, match="BlockCausal has no rows to split"):
+        FirstRows(mask_only, 1)

@@ -158,6 +158,9 @@ def test_reset_restarts_the_stream_with_the_same_prompt() -> None:
         (dict(guidance=True), r"guidance=True must be a number"),
         (dict(guidance=1.5, stream_batch=True), "guidance=1.5 runs in the chunk sampler only"),
         (dict(guidance=1.5, rolling_chunks=2), "guidance=1.5 runs in the chunk sampler only"),
+        (dict(guided_steps=0), r"guided_steps=0 must be None \(every step\) or an integer in \[1, 4\]"),
+        (dict(guided_steps=5), r"guided_steps=5 must be None .* in \[1, 4\] \(the steps of denoising_steps"),
+        (dict(guided_steps=True), r"guided_steps=True must be None"),
     ],
 )
 def test_engine_config_errors_name_value_and_range(changes: dict, message: str) -> None:
@@ -254,6 +257,41 @@ def test_guidance_toward_the_null_prompt_itself_is_the_unguided_stream() -> None
     guided = chunks_of(tiny_engine(prompt, window_frames=6, sink_frames=0, guidance=3.0, negative_prompt=prompt), 7)
     for a, b in zip(plain, guided):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("attention", [AttentionKind.SOFTMAX, AttentionKind.LINEAR])
+def test_unguided_later_steps_on_the_prompt_rows_alone_are_the_unguided_stream(attention: AttentionKind) -> None:
+    """With the prompt as its own null prompt, guiding only the first step must still give the unguided stream
+    exactly: the later steps' half-batch calls read and write the prompt's rows of the memory where the full calls
+    do (7 chunks roll a 6-frame window), and the context pass keeps both rows' memories whole."""
+    prompt = torch.randn(1, 5, preset("tiny").text_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    settings = dict(window_frames=6, sink_frames=0, attention=attention)
+
+    def engine(**changes) -> StreamEngine:
+        torch.manual_seed(0)
+        dit = CausalWanDiT(preset("tiny", attention=settings["attention"])).double()
+        config = EngineConfig(latent_height=2, latent_width=2, window_frames=6, sink_frames=0, **changes)
+        return StreamEngine(dit, config, prompt, negative_prompt=prompt if changes else None)
+
+    plain = chunks_of(engine(), 7)
+    for guided_steps in (1, 3):
+        guided = chunks_of(engine(guidance=3.0, guided_steps=guided_steps), 7)
+        for a, b in zip(plain, guided):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_guiding_fewer_steps_lands_between_the_guided_and_the_unguided_stream() -> None:
+    """Guiding every step equals guided_steps = None; guiding the first step only differs from both guiding all and
+    guiding none, from the first chunk on (its second step is unguided)."""
+    prompt = torch.randn(1, 5, preset("tiny").text_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    every = chunks_of(tiny_engine(prompt, guidance=2.5), 3)
+    counted = chunks_of(tiny_engine(prompt, guidance=2.5, guided_steps=4), 3)
+    first_only = chunks_of(tiny_engine(prompt, guidance=2.5, guided_steps=1), 3)
+    unguided = chunks_of(tiny_engine(prompt), 3)
+    for a, b in zip(every, counted):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for other in (every, unguided):  # a random tiny DiT barely follows its prompt: ~5e-4 apart, float64 noise ~1e-15
+        assert (first_only[0] - other[0]).abs().max() > 1e-5
 
 
 def test_guided_first_chunk_extrapolates_from_the_null_prompt_to_the_prompt() -> None:

@@ -28,8 +28,8 @@ def test_drift_pools_the_first_and_the_last_windows_of_every_stream(tmp_path):
 
 
 @pytest.mark.skipif(not shipped_weights_present(), reason="the shipped world model files are not in this checkout")
-def test_student_rows_stream_guided_and_the_unguided_row_does_not():
-    settings = EvalSettings(frames=60, switch_every=30, long_frames=0, seed=7,
+def test_student_rows_stream_at_the_student_guidance_and_the_unguided_row_does_not():
+    settings = EvalSettings(frames=60, switch_every=30, long_frames=0, seed=7, student_guidance=1.5,
                             rows=("student 1 step", "student 1 step unguided"))
     results = evaluate_world(settings=settings, progress=False)
     student, script = WorldModel.load(), random_script(7, 60, 30)
@@ -37,7 +37,8 @@ def test_student_rows_stream_guided_and_the_unguided_row_does_not():
         expected = stream_metrics(model_rollout(student, script, STUDENT_STEPS[1], seed=7, guidance=guidance))
         assert json.dumps(results["rows"][name], sort_keys=True) == json.dumps(dataclasses.asdict(expected), sort_keys=True)
     assert results["rows"]["student 1 step"] != results["rows"]["student 1 step unguided"]
-    assert results["settings"]["student_guidance"] == STREAM_GUIDANCE > 1
+    assert results["settings"]["student_guidance"] == 1.5
+    assert EvalSettings().student_guidance == STREAM_GUIDANCE == 1  # the shipped student is guidance-distilled
 
 
 def test_eval_settings_refuse_no_drift_streams():

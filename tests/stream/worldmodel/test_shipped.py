@@ -49,12 +49,16 @@ def test_the_student_beats_random_weights_by_a_wide_margin(metrics):
     assert sum(student.slot_adherence[s] for s in slots) >= sum(floor.slot_adherence[s] for s in slots) + 200
 
 
-def test_the_student_streams_guided_unless_its_sampler_cannot():
-    from framecast.stream.worldmodel.recipe import STREAM_GUIDANCE
+def test_the_guidance_distilled_student_streams_unguided_and_guides_only_when_asked():
+    from framecast.stream.worldmodel.recipe import STREAM_GUIDANCE, STREAM_STEPS
 
     student, teacher = WorldModel.load(), WorldModel.load(which="teacher")
-    assert STREAM_GUIDANCE > 1
-    assert student.engine().config.guidance == STREAM_GUIDANCE
-    assert student.engine(guidance=1.25).config.guidance == 1.25
+    assert STREAM_GUIDANCE == 1  # guidance is distilled into the shipped student
+    assert student.engine().config.guidance == 1.0 and student.engine().memory_batch == 1
+    guided = student.engine(guidance=1.25, guided_steps=1)
+    assert (guided.config.guidance, guided.config.guided_steps, guided.memory_batch) == (1.25, 1, 2)
+    # a step list shorter than guided_steps is guided throughout; unguided, guided_steps means nothing
+    assert student.engine(steps=(1000,), guidance=1.5, guided_steps=len(STREAM_STEPS)).config.guided_steps == 1
+    assert student.engine(guided_steps=2).config.guided_steps is None
     assert student.engine(stream_batch=True).config.guidance == 1.0  # the stream-batch sampler runs no guidance
     assert teacher.engine().config.guidance == 1.0  # the evaluation asks for its guided rows by name

@@ -21,8 +21,10 @@ def test_progress_remembers_finished_stages_across_runs(tmp_path):
 
 
 def test_train_settings_refuse_a_stage_without_time():
-    with pytest.raises(ConfigError, match="teacher and the student"):
+    with pytest.raises(ConfigError, match="the teacher, the student and its guidance distillation need time"):
         TrainWorldSettings(teacher_minutes=0)
+    with pytest.raises(ConfigError, match="streams the student unguided, as distilled"):
+        TrainWorldSettings(guidance_minutes=0)
     with pytest.raises(ConfigError, match="autoencoder_minutes"):
         TrainWorldSettings(autoencoder_minutes=-1)
 
@@ -68,3 +70,40 @@ def test_the_model_card_names_the_physics_placement_and_the_warm_up_only_when_th
     torch.save({"history": history}, run / "student_state.pt")
     card = write_model_card(run, model).read_text()
     assert "drawn again by the world" in card and "`agent_path`" in card and "streams 0 to 12 chunks" in card
+
+
+def test_compacted_histories_keep_the_curve_ends_and_the_final_loss():
+    from framecast.stream.worldmodel.card import CURVE_POINTS, compact_history
+
+    losses = [1.0 / (i + 1) for i in range(1000)]
+    history = {"step": list(range(1, 1001)), "loss": losses, "seconds": [float(i) for i in range(1000)],
+               "settings": {"batch": 4}}
+    compact = compact_history(history)
+    assert len(compact["loss"]) <= CURVE_POINTS + 1 and compact["step"][0] == 1 and compact["step"][-1] == 1000
+    assert compact["final_step"] == 1000 and compact["final_loss"] == pytest.approx(sum(losses[-50:]) / 50)
+    assert compact["settings"] == {"batch": 4} and compact["seconds"][-1] == 999.0
+
+
+def test_the_card_keeps_the_histories_in_the_model_folder_and_writes_again_from_them(tmp_path):
+    from framecast.stream.worldmodel.card import HISTORY_FILE
+
+    run, model = tmp_path / "run", tmp_path / "model"
+    (run / "guidance").mkdir(parents=True), model.mkdir()
+    guidance = {"update": list(range(1, 31)), "loss": [0.01 - 0.0002 * i for i in range(30)],
+                "seconds": [60.0 * i for i in range(30)], "steps_used": [3] * 30,
+                "settings": {"guidance": 1.5, "batch": 8, "rollout_chunks": 6, "warmup_chunks": 8,
+                             "schedules": [[1000, 500, 250]], "schedule_weights": [1.0], "learning_rate": 1e-4,
+                             "ema_decay": 0.995}}
+    torch.save({"history": guidance}, run / "guidance" / "guidance_state.pt")
+    by_hand = {"kept_by_hand": "from an earlier card", "settings": {"prompt_dropout": 0.15}, "step": [2742],
+               "loss": [1.1649], "seconds": [4194.0], "final_step": 2742, "final_loss": 1.1649}
+    (model / HISTORY_FILE).write_text(json.dumps({"teacher": by_hand}))
+    card = write_model_card(run, model).read_text()
+    assert "| teacher | 2,742 | 69.9 | 1.1649 |" in card and "| guidance distillation | 30 |" in card
+    assert "The teacher rows and plots are kept from earlier cards" in card
+    assert "**Guidance distillation: the guided student in one pass.**" in card and "guidance at 1.5" in card
+    assert (model / "guidance_loss.png").stat().st_size > 0 and not (model / "teacher_loss.png").exists()
+    kept = json.loads((model / HISTORY_FILE).read_text())
+    assert set(kept) == {"teacher", "guidance"} and kept["guidance"]["final_step"] == 30
+    (run / "guidance" / "guidance_state.pt").unlink()  # the run folder gone: the card comes from the model folder
+    assert write_model_card(run, model).read_text() == card
