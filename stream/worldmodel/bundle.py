@@ -104,8 +104,6 @@ class WorldModel:
         if guidance is None:
             plain = self.which != "student" or changes.get("stream_batch") or changes.get("rolling_chunks", 1) > 1
             guidance = 1.0 if plain else STREAM_GUIDANCE
-        # guided_steps only means something guided; a step list shorter than it is guided throughout
-        guided_steps = None if guidance == 1 or guided_steps is None else min(guided_steps, len(steps))
         config = world_engine_config(steps, seed, guidance=guidance, guided_steps=guided_steps, **changes)
         return StreamEngine(self.dit, config, self.encode(prompt))
 

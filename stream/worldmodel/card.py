@@ -32,7 +32,7 @@ def plot_loss(history: dict, path: Path, label: str) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    losses, steps = np.asarray(history["loss"]), _steps(history)
+    losses, steps = np.asarray(history["loss"]), history["step"]
     figure, axes = plt.subplots(figsize=(6, 3.2))
     axes.plot(steps, losses, alpha=0.25, label="step")
     window = max(1, len(losses) // 40)
@@ -55,14 +55,11 @@ def _history(run: Path, state_file: str) -> dict | None:
     return torch.load(path, weights_only=False, map_location="cpu")["history"]
 
 
-def _steps(history: dict) -> list:
-    return history.get("step") or history.get("update") or []
-
-
 def compact_history(history: dict) -> dict:
     """A history small enough to ship: its settings and records as they are, its curves at <= CURVE_POINTS points
-    (the last always kept), and the final loss (mean of the last 50) and length of the whole run."""
-    steps, losses = _steps(history), history.get("loss", [])
+    (the last always kept), and the final loss (mean of the last 50) and length of the whole run. The guidance
+    distillation counts updates ("update"), the others steps ("step"); compacted, both are "step"."""
+    steps, losses = history.get("step") or history.get("update") or [], history.get("loss", [])
     keep = sorted(set(range(0, len(losses), max(1, -(-len(losses) // CURVE_POINTS)))) | {len(losses) - 1}) if losses else []
     compact = {k: v for k, v in history.items() if k not in ("step", "update", "loss", "seconds", "steps_used")}
     compact.update(step=[steps[i] for i in keep], loss=[float(losses[i]) for i in keep],
@@ -85,13 +82,6 @@ def training_histories(run: Path, model_dir: Path) -> dict[str, dict]:
             histories[stage] = stored[stage]
     path.write_text(json.dumps(histories, indent=1))
     return histories
-
-
-def _final(history: dict) -> tuple[int, float | None]:
-    """(steps, final loss: mean of the last 50) of a full or compacted history."""
-    if "final_step" in history:
-        return history["final_step"], history.get("final_loss")
-    return (_steps(history)[-1] if _steps(history) else 0), (float(np.mean(history["loss"][-50:])) if history["loss"] else None)
 
 
 TARGET_TEXTS = {
@@ -328,7 +318,7 @@ def write_model_card(run: Path, model_dir: Path) -> Path:
     ]
     for name, history in (("teacher", teacher), ("student", student), ("guidance distillation", guidance)):
         if history:
-            steps, loss = _final(history)
+            steps, loss = history["final_step"], history.get("final_loss")
             lines.append(f"| {name} | {steps:,} | {_minutes(history)} | {'?' if loss is None else f'{loss:.4f}'} |")
     lines += ["", "![teacher loss](teacher_loss.png) ![student loss](student_loss.png)"
               + (" ![guidance distillation loss](guidance_loss.png)" if guidance else ""), ""]

@@ -42,7 +42,7 @@ from framecast.stream.worldmodel.recipe import (
     TEXT_ENCODER_FILE, WEIGHTS_DIR,
 )
 from framecast.stream.worldmodel.student import GuidedTeacher, Rollout
-from framecast.stream.worldmodel.teacher import update_ema
+from framecast.stream.worldmodel.teacher import CheckpointClock, update_ema
 
 STATE_FILE = "guidance_state.pt"
 PUPIL_FILE = "student.safetensors"
@@ -208,7 +208,7 @@ def distil_guidance(
         optimizer.zero_grad(set_to_none=True)
         update_ema(ema, pupil, settings.ema_decay)
 
-    started, last_checkpoint = time.perf_counter() - elapsed, time.perf_counter()
+    started, clock = time.perf_counter() - elapsed, CheckpointClock(checkpoint, settings.checkpoint_every_s)
     bar = tqdm(total=settings.updates, initial=len(history["update"]), desc="guidance distillation", unit="update",
                disable=not progress)
     while len(history["update"]) < settings.updates:
@@ -224,11 +224,9 @@ def distil_guidance(
             history["seconds"].append(elapsed)
         bar.update(len(losses))
         bar.set_postfix(loss=f"{np.mean(history['loss'][-60:]):.4f}", min=f"{elapsed / 60:.1f}")
-        if time.perf_counter() - last_checkpoint > settings.checkpoint_every_s:
-            checkpoint()
-            last_checkpoint = time.perf_counter()
+        clock.tick()
     bar.close()
-    checkpoint()
+    clock.final()
     return history
 
 

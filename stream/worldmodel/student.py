@@ -53,7 +53,9 @@ from framecast.stream.sampler import FlowMatchSchedule, Step, renoise, to_clean
 from framecast.stream.worldmodel.recipe import (
     AUTOENCODER_FILE, CHUNK_FRAMES, GUIDANCE, SHIFT, STUDENT_STEPS, WEIGHTS_DIR, WINDOW_FRAMES, teacher_step_list,
 )
-from framecast.stream.worldmodel.teacher import CLIPS_FILE, agent_weights, null_text, shifted_sigmas, update_ema
+from framecast.stream.worldmodel.teacher import (
+    CLIPS_FILE, CheckpointClock, agent_weights, null_text, shifted_sigmas, update_ema,
+)
 
 STATE_FILE = "student_state.pt"
 TARGET_SAMPLERS = ("renoise", "ode", "agent-renoise", "agent-redraw", "agent-physics")
@@ -509,7 +511,7 @@ def train_student(
         save_dit(copy.deepcopy(ema).to(torch.bfloat16), out / "student.safetensors")
 
     started = time.perf_counter() - elapsed
-    last_checkpoint = time.perf_counter()
+    clock = CheckpointClock(checkpoint, settings.checkpoint_every_s)
     total = settings.steps
     bar = tqdm(total=total, initial=step, desc="student", unit="rollout")
     while step < total:
@@ -527,11 +529,9 @@ def train_student(
         history["seconds"].append(elapsed)
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(history['loss'][-20:]):.4f}", min=f"{elapsed / 60:.1f}")
-        if time.perf_counter() - last_checkpoint > settings.checkpoint_every_s:
-            checkpoint()
-            last_checkpoint = time.perf_counter()
+        clock.tick()
     bar.close()
-    checkpoint()
+    clock.final()
     return history
 
 

@@ -153,6 +153,22 @@ class FlowMatchingLoss:
         return (per_frame * weight).sum() / weight.sum().clamp(min=1)
 
 
+class CheckpointClock:
+    """A long run's periodic checkpoint: `tick()` calls `save` once `every_s` seconds have passed since the last
+    save (or since the clock was made); `final()` saves once more at the end. Shared by the world model's trainers."""
+
+    def __init__(self, save, every_s: float) -> None:
+        self.save, self.every_s, self.last = save, every_s, time.perf_counter()
+
+    def tick(self) -> None:
+        if time.perf_counter() - self.last > self.every_s:
+            self.save()
+            self.last = time.perf_counter()
+
+    def final(self) -> None:
+        self.save()
+
+
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
@@ -228,7 +244,7 @@ def train_teacher(
 
     dit.train(), text_encoder.train()
     started = time.perf_counter() - elapsed
-    last_checkpoint = time.perf_counter()
+    clock = CheckpointClock(checkpoint, settings.checkpoint_every_s)
     bar = tqdm(total=total, initial=step, desc="teacher", unit="step")
     while step < total:
         minutes = (time.perf_counter() - started) / 60
@@ -260,11 +276,9 @@ def train_teacher(
         history["seconds"].append(elapsed)
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(history['loss'][-50:]):.4f}", min=f"{elapsed / 60:.1f}")
-        if time.perf_counter() - last_checkpoint > settings.checkpoint_every_s:
-            checkpoint()
-            last_checkpoint = time.perf_counter()
+        clock.tick()
     bar.close()
-    checkpoint()
+    clock.final()
     (out / "teacher_history.json").write_text(
         json.dumps({k: history[k] for k in ("settings", "planned_steps", "changes") if k in history}))
     return history

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from framecast.models.errors import ConfigError
 from framecast.models.world.evaluation import stream_metrics
 from framecast.stream.model_source import RandomDiT
 from framecast.stream.worldmodel.bundle import WorldModel, shipped_weights_present
@@ -57,8 +58,8 @@ def test_the_guidance_distilled_student_streams_unguided_and_guides_only_when_as
     assert student.engine().config.guidance == 1.0 and student.engine().memory_batch == 1
     guided = student.engine(guidance=1.25, guided_steps=1)
     assert (guided.config.guidance, guided.config.guided_steps, guided.memory_batch) == (1.25, 1, 2)
-    # a step list shorter than guided_steps is guided throughout; unguided, guided_steps means nothing
-    assert student.engine(steps=(1000,), guidance=1.5, guided_steps=len(STREAM_STEPS)).config.guided_steps == 1
-    assert student.engine(guided_steps=2).config.guided_steps is None
+    with pytest.raises(ConfigError, match=r"guided_steps=3 must be None \(every step\) or an integer in \[1, 1\]"):
+        student.engine(steps=(1000,), guidance=1.5, guided_steps=len(STREAM_STEPS))
+    assert student.engine(guided_steps=2).memory_batch == 1  # unguided, guided_steps changes nothing
     assert student.engine(stream_batch=True).config.guidance == 1.0  # the stream-batch sampler runs no guidance
     assert teacher.engine().config.guidance == 1.0  # the evaluation asks for its guided rows by name

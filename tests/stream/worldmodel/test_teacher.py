@@ -122,3 +122,16 @@ def test_prompt_dropout_trains_those_samples_on_the_null_prompt():
     assert torch.equal(null_text(torch.ones(1, 5, 64)), torch.zeros(1, 5, 64))
     with pytest.raises(ConfigError, match="prompt_dropout"):
         TeacherSettings(prompt_dropout=1.0)
+
+
+def test_the_checkpoint_clock_saves_when_due_and_at_the_end():
+    from framecast.stream.worldmodel.teacher import CheckpointClock
+
+    saves = []
+    patient = CheckpointClock(lambda: saves.append("patient"), every_s=1e9)
+    eager = CheckpointClock(lambda: saves.append("eager"), every_s=0.0)
+    for _ in range(3):
+        patient.tick(), eager.tick()
+    assert saves == ["eager"] * 3
+    patient.final()
+    assert saves[-1] == "patient" and saves.count("patient") == 1
